@@ -7,3 +7,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: ``tiny_model_dir(family="cogvideox-i2v") -> str``, a tiny random diffusers folder.
+
+    Built once per family per test session (``pipelines.tiny.build_tiny_model``, seed 0) and
+    shared: tests must treat it as read-only (copy it first to corrupt or edit it).
+    """
+    from pipelines.tiny import build_tiny_model
+
+    built: dict[str, str] = {}
+
+    def make(family: str = "cogvideox-i2v") -> str:
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp("tiny") / family, family, seed=0)
+        return built[family]
+
+    return make
