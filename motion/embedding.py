@@ -325,8 +325,12 @@ def read_motion_embedder_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _describe_fp(fp: Optional[Mapping[str, Any]]) -> str:
     if not fp:
         return "unknown"
-    short = {k: fp[k] for k in ("digest", "hash", "sha256", "num_tensors", "num_params") if k in fp}
-    return json.dumps(short or dict(fp), sort_keys=True, default=str)
+    try:
+        from merging.fingerprint import describe_fingerprint
+
+        return describe_fingerprint(fp)
+    except ImportError:
+        return str(fp.get("values", "?"))[:12]
 
 
 def check_base(meta: Mapping[str, Any], *, family: Optional[str], fingerprint: Optional[Mapping[str, Any]], path: str, base_name: str = "the model") -> None:
@@ -337,23 +341,15 @@ def check_base(meta: Mapping[str, Any], *, family: Optional[str], fingerprint: O
         )
     expected = meta.get("base_fingerprint")
     if expected and fingerprint:
+        from merging.fingerprint import check_fingerprint
+
         try:
-            from merging.fingerprint import check_fingerprint
-        except ImportError:  # merging not importable yet: fall back to a plain comparison
-            check_fingerprint = None
-        if check_fingerprint is not None:
-            try:
-                check_fingerprint(expected, fingerprint, f"motion embedder {path!r}")
-            except Exception as e:
-                raise MotionEmbedderFileError(
-                    f"motion embedder {path!r} was trained on base {_describe_fp(expected)} and cannot be loaded onto "
-                    f"{base_name} (base {_describe_fp(fingerprint)}): {e}"
-                ) from None
-        elif dict(expected) != dict(fingerprint):
+            check_fingerprint(expected, fingerprint, f"motion embedder {path!r}")
+        except ValueError as e:
             raise MotionEmbedderFileError(
-                f"motion embedder {path!r} was trained on base {_describe_fp(expected)} and cannot be loaded onto "
-                f"{base_name} (base {_describe_fp(fingerprint)})"
-            )
+                f"motion embedder {path!r} was trained on base ({_describe_fp(expected)}) and cannot be loaded onto "
+                f"{base_name} ({_describe_fp(fingerprint)}): {e}"
+            ) from None
 
 
 def load_motion_embedder(

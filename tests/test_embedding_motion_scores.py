@@ -12,8 +12,10 @@ from motion.embedding import (
     split_width,
 )
 
-FP_A = {"digest": "aaaa", "num_tensors": 3}
-FP_B = {"digest": "bbbb", "num_tensors": 3}
+from merging.fingerprint import fingerprint_state
+
+FP_A = fingerprint_state({"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)})
+FP_B = fingerprint_state({"w": torch.arange(6.0).reshape(2, 3) + 1, "b": torch.ones(3)})
 
 
 def _randomise(emb: MotionScoreEmbedding, seed: int = 0) -> MotionScoreEmbedding:
@@ -101,9 +103,9 @@ def test_save_load_roundtrip_and_base_check(tmp_path):
     assert torch.equal(back(o, c), emb(o, c))
     assert back.uncond_scores == (5.5, 5.5) and back.motion_guidance_scale == 2.0
 
-    with pytest.raises(MotionEmbedderFileError, match="bbbb") as ei:
+    with pytest.raises(MotionEmbedderFileError, match=FP_B["values"][:12]) as ei:
         load_motion_embedder(path, family="svd", base_fingerprint=FP_B)
-    assert "aaaa" in str(ei.value) and "e.safetensors" in str(ei.value)
+    assert FP_A["values"][:12] in str(ei.value) and "e.safetensors" in str(ei.value)
     with pytest.raises(MotionEmbedderFileError, match="family 'svd'.*'cogvideox-i2v'"):
         load_motion_embedder(path, family="cogvideox-i2v", base_fingerprint=FP_A)
     with pytest.raises(MotionEmbedderFileError, match="width 10.*time_embed_dim 12"):
