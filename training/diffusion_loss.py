@@ -1,0 +1,253 @@
+"""Each family's own diffusion training loss, with the first frame as the image condition laid
+out exactly as the family's diffusers pipeline lays it out at sampling time.
+
+* **CogVideoX-I2V 1.0 / 1.5** (``CogVideoXImageToVideoPipeline``): video latents from the VAE
+  (``latent_dist.sample() * scaling_factor``, ``[B, F, C, h, w]``); the first frame encoded
+  alone, scaled as ``prepare_latents`` scales it and padded with zero latents along frames,
+  concatenated to the noisy latents on channels; T5 prompt embeddings from the pipeline's
+  ``encode_prompt``; rotary embeddings from the pipeline's own helper; 1.5's ``ofs`` = 2.0.
+  1.5 with an odd number of latent frames: the pipeline samples one extra latent frame in front
+  and drops it; here the first latent frame is duplicated in front and left out of the loss.
+  Loss: v-prediction MSE, ``noisy = scheduler.add_noise(x0, eps, t)``, target
+  ``scheduler.get_velocity(x0, eps, t)`` (``CogVideoXDDIMScheduler``), ``t`` uniform over the
+  training timesteps.
+* **SVD** (``StableVideoDiffusionPipeline``): latents ``latent_dist.sample() * scaling_factor``
+  per frame; CLIP image embedding of the first frame (the pipeline's ``_encode_image`` after the
+  same antialiased resize to the CLIP size); the first frame plus ``noise_aug_strength`` noise,
+  VAE-encoded (``_encode_vae_image``, mode, unscaled) and repeated over frames, concatenated on
+  channels; ``added_time_ids`` from ``_get_add_time_ids(fps - 1, motion_bucket_id, noise_aug)``.
+  Loss: EDM with the preconditioning of ``EulerDiscreteScheduler`` (v-prediction, continuous
+  timesteps): ``c_in = 1/sqrt(sigma^2+1)``, ``c_noise = 0.25 ln sigma``,
+  ``D = c_skip x + c_out F`` with ``c_skip = 1/(sigma^2+1)``, ``c_out = -sigma/sqrt(sigma^2+1)``,
+  weight ``(sigma^2+1)/sigma^2``; ``ln sigma ~ N(0.7, 1.6^2)`` (SVD's training distribution),
+  clamped to the scheduler's ``[sigma_min, sigma_max]``.
+
+Frozen parts (VAE, text / image encoders) run under ``no_grad`` in ``encode``; only
+``loss`` builds a graph. The motion embedder is added to the time embedding through a forward
+hook on ``I2VModel.time_embedding`` (the same place the sampler adds it).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: SVD's pipeline defaults, used for the image condition during training too.
+SVD_NOISE_AUG_STRENGTH = 0.02
+SVD_MOTION_BUCKET_ID = 127
+#: EDM log-normal sigma distribution used to train SVD (Blattmann et al. 2023).
+SVD_P_MEAN, SVD_P_STD = 0.7, 1.6
+
+
+@contextlib.contextmanager
+def motion_hook(time_embedding: nn.Module, embedder: Optional[nn.Module], object: torch.Tensor, camera: torch.Tensor) -> Iterator[None]:  # noqa: A002
+    """Add ``embedder(object, camera)`` ``[B, D]`` to the output of ``time_embedding`` while active."""
+    if embedder is None:
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        extra = embedder(object, camera)
+        if extra.shape[0] != output.shape[0]:
+            raise RuntimeError(f"motion embedding batch {extra.shape[0]} != time embedding batch {output.shape[0]}")
+        return output + extra.to(device=output.device, dtype=output.dtype)
+
+    handle = time_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def check_frames(family: str, frames: int, temporal_compression: int = 4) -> None:
+    """CogVideoX's VAE compresses time 4x with a causal first frame: frames must be 4k+1."""
+    if family.startswith("cogvideox") and (frames - 1) % temporal_compression != 0:
+        raise ValueError(
+            f"--frames {frames}: CogVideoX needs {temporal_compression}k+1 frames (e.g. 9, 13, 49), "
+            "because its VAE compresses time 4x after the first frame"
+        )
+    if frames < 2:
+        raise ValueError(f"--frames must be >= 2, got {frames}")
+
+
+class DiffusionObjective:
+    """Base class: ``encode(batch, generator)`` (frozen encoders) and ``loss(encoded, embedder, generator)``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.denoiser: nn.Module = model.denoiser
+        self.device = model.device
+
+    def encode(self, batch: dict, generator: torch.Generator) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _randn(self, shape, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+        # Drawn on the generator's device (CPU) then moved: the same numbers on every device.
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
+
+
+class CogVideoXObjective(DiffusionObjective):
+    """v-prediction loss of CogVideoX-I2V 1.0 / 1.5 (see module docs)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.pipe = model.pipeline
+        self.cfg = self.denoiser.config
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        # T5 is frozen: embed each distinct caption once (real data repeats captions rarely,
+        # but epochs do).
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if missing:
+            emb, _ = self.pipe.encode_prompt(
+                prompt=missing, negative_prompt=None, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                max_sequence_length=int(self.cfg.max_text_seq_length), device=self.device,
+            )
+            for c, e in zip(missing, emb):
+                self._text_cache[c] = e.detach().to("cpu")
+        return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> dict:
+        vae = self.model.vae
+        video = batch["video"].to(self.device, vae.dtype)  # [B, T, 3, H, W] in -1..1
+        b, t, _, h, w = video.shape
+        sf = float(vae.config.scaling_factor)
+        x = video.permute(0, 2, 1, 3, 4)  # [B, 3, T, H, W]
+        latents = vae.encode(x).latent_dist.sample(generator=generator) * sf
+        latents = latents.permute(0, 2, 1, 3, 4).float()  # [B, F, C, h, w]
+        img = vae.encode(x[:, :, :1]).latent_dist.sample(generator=generator).permute(0, 2, 1, 3, 4).float()
+        # As CogVideoXImageToVideoPipeline.prepare_latents: 1.5 checkpoints invert the scale.
+        img = img / sf if vae.config.get("invert_scale_latents", False) else img * sf
+        nf = latents.shape[1]
+        skip = 0
+        pt = self.cfg.get("patch_size_t")
+        if pt is not None and nf % pt != 0:
+            skip = pt - nf % pt
+            latents = torch.cat([latents[:, :1].expand(-1, skip, -1, -1, -1), latents], dim=1)
+            nf = latents.shape[1]
+        image_latents = torch.cat([img, img.new_zeros(b, nf - 1, *img.shape[2:])], dim=1)
+        rotary = None
+        if self.cfg.use_rotary_positional_embeddings:
+            rotary = self.pipe._prepare_rotary_positional_embeddings(h, w, nf, self.device)
+        return {
+            "latents": latents,
+            "image_latents": image_latents,
+            "text": self._text(list(batch["caption"])),
+            "rotary": rotary,
+            "skip": skip,
+            "object": batch["object"].to(self.device).float(),
+            "camera": batch["camera"].to(self.device).float(),
+        }
+
+    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
+        sched = self.model.scheduler
+        x0 = enc["latents"]
+        b = x0.shape[0]
+        n_train = int(sched.config.num_train_timesteps)
+        t = torch.randint(0, n_train, (b,), generator=generator).to(self.device)
+        noise = self._randn(x0.shape, generator)
+        noisy = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        dtype = next(self.denoiser.parameters()).dtype
+        inp = torch.cat([noisy, enc["image_latents"]], dim=2).to(dtype)
+        ofs = None
+        if self.cfg.get("ofs_embed_dim") is not None:
+            ofs = inp.new_full((1,), 2.0)  # the pipeline's constant
+        with motion_hook(self.model.time_embedding, embedder, enc["object"], enc["camera"]):
+            pred = self.denoiser(
+                hidden_states=inp, encoder_hidden_states=enc["text"].to(dtype), timestep=t, ofs=ofs,
+                image_rotary_emb=enc["rotary"], return_dict=False,
+            )[0]
+        s = enc["skip"]
+        return F.mse_loss(pred[:, s:].float(), target[:, s:].float())
+
+
+class SVDObjective(DiffusionObjective):
+    """EDM loss of Stable Video Diffusion (see module docs)."""
+
+    def __init__(self, model: Any, *, fps: int = 7, motion_bucket_id: int = SVD_MOTION_BUCKET_ID,
+                 noise_aug_strength: float = SVD_NOISE_AUG_STRENGTH) -> None:
+        super().__init__(model)
+        self.pipe = model.pipeline
+        self.fps = int(fps)
+        self.motion_bucket_id = int(motion_bucket_id)
+        self.noise_aug_strength = float(noise_aug_strength)
+        cfg = model.scheduler.config
+        self.sigma_min = float(cfg.get("sigma_min") or 0.002)
+        self.sigma_max = float(cfg.get("sigma_max") or 700.0)
+        self.prediction_type = cfg.get("prediction_type", "v_prediction")
+        if self.prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"SVD training: scheduler prediction_type {self.prediction_type!r} is not supported")
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> dict:
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+        vae = self.model.vae
+        video = batch["video"].to(self.device, vae.dtype)  # [B, T, 3, H, W] in -1..1
+        b, t = video.shape[:2]
+        lat = vae.encode(video.flatten(0, 1)).latent_dist.sample(generator=generator) * float(vae.config.scaling_factor)
+        latents = lat.reshape(b, t, *lat.shape[1:]).float()
+        first = video[:, 0].float()
+        # CLIP input exactly as the pipeline prepares a PIL image: antialiased resize in -1..1.
+        size = int(self.model.image_encoder.config.image_size)
+        clip_in = (_resize_with_antialiasing(first, (size, size)) + 1.0) / 2.0
+        image_embeddings = self.pipe._encode_image(clip_in, self.device, 1, False)
+        cond = first + self.noise_aug_strength * self._randn(first.shape, generator)
+        image_latents = self.pipe._encode_vae_image(cond, self.device, 1, False).float()
+        image_latents = image_latents.unsqueeze(1).repeat(1, t, 1, 1, 1)
+        added_time_ids = self.pipe._get_add_time_ids(
+            self.fps - 1, self.motion_bucket_id, self.noise_aug_strength, image_embeddings.dtype, b, 1, False
+        ).to(self.device)
+        return {
+            "latents": latents,
+            "image_latents": image_latents,
+            "image_embeddings": image_embeddings,
+            "added_time_ids": added_time_ids,
+            "object": batch["object"].to(self.device).float(),
+            "camera": batch["camera"].to(self.device).float(),
+        }
+
+    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
+        x0 = enc["latents"]
+        b = x0.shape[0]
+        log_sigma = SVD_P_MEAN + SVD_P_STD * torch.randn((b,), generator=generator)
+        log_sigma = log_sigma.clamp(math.log(self.sigma_min), math.log(self.sigma_max)).to(self.device)
+        sigma = log_sigma.exp().view(b, 1, 1, 1, 1)
+        noise = self._randn(x0.shape, generator)
+        noisy = x0 + sigma * noise
+        c_in = 1.0 / (sigma**2 + 1.0).sqrt()  # EulerDiscreteScheduler.scale_model_input
+        c_noise = 0.25 * log_sigma  # EulerDiscreteScheduler's continuous timesteps
+        dtype = next(self.denoiser.parameters()).dtype
+        inp = torch.cat([noisy * c_in, enc["image_latents"]], dim=2).to(dtype)
+        with motion_hook(self.model.time_embedding, embedder, enc["object"], enc["camera"]):
+            out = self.denoiser(
+                inp, c_noise.to(dtype), encoder_hidden_states=enc["image_embeddings"].to(dtype),
+                added_time_ids=enc["added_time_ids"].to(dtype), return_dict=False,
+            )[0].float()
+        if self.prediction_type == "v_prediction":  # EulerDiscreteScheduler.step's x0 formula
+            denoised = out * (-sigma / (sigma**2 + 1.0).sqrt()) + noisy / (sigma**2 + 1.0)
+        else:
+            denoised = noisy - sigma * out
+        weight = (sigma**2 + 1.0) / sigma**2
+        return (weight * (denoised - x0) ** 2).mean()
+
+
+def objective_for(model: Any, **kwargs: Any) -> DiffusionObjective:
+    """The loss of a loaded ``pipelines.I2VModel``'s family."""
+    name = model.family.name
+    if name.startswith("cogvideox"):
+        return CogVideoXObjective(model)
+    if name == "svd":
+        return SVDObjective(model, **kwargs)
+    raise ValueError(f"no training objective for family {name!r}")
