@@ -1,0 +1,384 @@
+"""``sample()``: image -> video on diffusers' own pipelines, with two extension points.
+
+The sampling loop, the scheduler and classifier-free guidance are diffusers' own
+(``CogVideoXImageToVideoPipeline``, ``StableVideoDiffusionPipeline``). MotionDial only adds
+PyTorch hooks for the duration of one call:
+
+* a forward pre-hook on the denoiser (``with_kwargs=True``) reads the step's timestep, maps it to
+  the common noise level (0 clean .. 1 pure noise) and lets a ``merging.patcher.WeightPatcher``
+  set the scheduled weights before the denoiser runs;
+* a forward hook on the family's timestep-embedding module adds the motion embedder's output,
+  ``[uncond; cond]`` over the CFG batch.
+
+Both are removed, and the weights restored bit for bit, in ``finally``: after success, an
+exception, ``KeyboardInterrupt`` or a progress callback that raises.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from merging.patcher import ScheduledWeights, WeightPatcher
+
+from .loading import I2VModel
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 500
+CFG_RANGE = (1.0, 30.0)
+SCORE_RANGE = (1.0, 10.0)
+MAX_SIDE = 4096
+# CogVideoX: frames = 4k+1 (the VAE compresses time 4x, keeping the first frame).
+COGVIDEOX_FRAMES = (5, 161)
+SVD_FRAMES = (2, 128)
+# A resolution-locked model takes an image whose aspect ratio is within this factor of its own:
+# it is scaled and centre-cropped (at most ~20% of one side is lost). Beyond that we refuse
+# rather than silently crop away much of the picture.
+LOCKED_ASPECT_TOLERANCE = 1.25
+
+
+@dataclass
+class StepTrace:
+    """What one denoiser call saw: step index, raw timestep, noise level, delta weights used."""
+
+    step: int
+    timestep: float
+    noise_level: float
+    weights: Optional[dict[str, float]]
+
+
+@dataclass
+class Video:
+    """Sampled frames ``[T, H, W, 3]`` float32 in 0..1 (CPU) and their frame rate.
+
+    ``trace`` lists every denoiser call of the run (see ``StepTrace``); ``settings`` the
+    resolved settings (size, frames, steps, ...).
+    """
+
+    frames: torch.Tensor
+    fps: float
+    trace: list[StepTrace] = field(default_factory=list, repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def uint8(self) -> np.ndarray:
+        """The frames as ``[T, H, W, 3]`` uint8 RGB (rounded)."""
+        return (self.frames.clamp(0, 1).mul(255).add(0.5)).to(torch.uint8).numpy()
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def load_image(image: Any, name: str = "image"):
+    """Accept a path, PIL image, ``[H,W,3]`` uint8/float array or ``[H,W,3]`` / ``[1,H,W,3]``
+    float tensor in 0..1 (ComfyUI IMAGE); return an RGB ``PIL.Image``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}: {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{name}: {path} is not a readable image ({e})") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        image = image.float().numpy()
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or min(arr.shape[:2]) == 0:
+            raise ValueError(f"{name}: expected an [H, W, 3] image, got shape {tuple(image.shape)}")
+        arr = arr[..., :3]
+        if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+                raise ValueError(f"{name}: expected uint8 0..255 or finite floats 0..1, got dtype {arr.dtype}")
+            arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    raise ValueError(f"{name}: expected a path, PIL image, array or tensor, got {type(image).__name__}")
+
+
+def _size_multiple(model: I2VModel) -> int:
+    pipe = model.pipeline
+    if model.family.denoiser == "transformer":
+        return int(pipe.vae_scale_factor_spatial) * int(model.denoiser.config.patch_size)
+    # SVD: the VAE's 8x, then one 2x downsampling per UNet block but the last; the pipeline also
+    # insists on multiples of 8.
+    return math.lcm(8, int(pipe.vae_scale_factor) * 2 ** (len(model.denoiser.config.block_out_channels) - 1))
+
+
+def _default_side(model: I2VModel) -> tuple[int, int]:
+    cfg = model.denoiser.config
+    if model.family.denoiser == "transformer":
+        s = int(model.pipeline.vae_scale_factor_spatial)
+        return int(cfg.sample_height) * s, int(cfg.sample_width) * s
+    s = int(cfg.sample_size) * int(model.pipeline.vae_scale_factor)
+    return s, s
+
+
+def resolve_size(model: I2VModel, image_size: tuple[int, int], height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """Output ``(height, width)`` in pixels for an image of ``image_size = (w, h)``.
+
+    Resolution-locked models take only their size. Otherwise: the given height/width (checked
+    to be multiples of the model's size step), or, when left out, the image's aspect ratio at
+    the model's default pixel area, rounded to the size step.
+    """
+    iw, ih = image_size
+    if min(iw, ih) < 8:
+        raise ValueError(f"image: {iw}x{ih} pixels is too small (need at least 8 pixels per side)")
+    m = _size_multiple(model)
+    locked = model.resolution_locked
+    if locked is not None:
+        lh, lw = locked
+        if (height is not None and int(height) != lh) or (width is not None and int(width) != lw):
+            raise ValueError(
+                f"height/width {height}x{width}: this {model.family.name} model ({model.path}) only takes "
+                f"{lh}x{lw} (learned positional embeddings lock its resolution)"
+            )
+        ratio = (iw / ih) / (lw / lh)
+        if not 1 / LOCKED_ASPECT_TOLERANCE <= ratio <= LOCKED_ASPECT_TOLERANCE:
+            raise ValueError(
+                f"image: {iw}x{ih} (aspect {iw / ih:.2f}) cannot be taken by this resolution-locked "
+                f"{model.family.name} model, which only generates {lw}x{lh} (aspect {lw / lh:.2f}); crop the image "
+                f"to an aspect ratio within {LOCKED_ASPECT_TOLERANCE}x of {lw / lh:.2f} first"
+            )
+        return lh, lw
+    for what, v in (("height", height), ("width", width)):
+        if v is not None and (int(v) != v or v <= 0 or v % m or v > MAX_SIDE):
+            raise ValueError(f"{what}={v}: must be a positive multiple of {m} up to {MAX_SIDE} for this model")
+    if height is not None and width is not None:
+        return int(height), int(width)
+    aspect = iw / ih
+    if height is not None:
+        return int(height), max(m, int(round(height * aspect / m)) * m)
+    if width is not None:
+        return max(m, int(round(width / aspect / m)) * m), int(width)
+    dh, dw = _default_side(model)
+    area = dh * dw
+    h = max(m, int(round(math.sqrt(area / aspect) / m)) * m)
+    w = max(m, int(round(math.sqrt(area * aspect) / m)) * m)
+    return min(h, MAX_SIDE), min(w, MAX_SIDE)
+
+
+def fit_image(img, height: int, width: int):
+    """Scale ``img`` to cover ``width x height`` and centre-crop it (aspect kept, no stretching)."""
+    from PIL import Image
+
+    iw, ih = img.size
+    if (iw, ih) == (width, height):
+        return img
+    s = max(width / iw, height / ih)
+    rw, rh = max(width, round(iw * s)), max(height, round(ih * s))
+    img = img.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r}: expected an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected a number in [{lo}, {hi}]") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"{name}={value!r}: expected a number in [{lo}, {hi}]")
+    return v
+
+
+def check_frames(model: I2VModel, frames: Any) -> int:
+    """Validate a frame count for the model's family (CogVideoX: 4k+1 in 5..161; SVD: 2..128)."""
+    if model.family.denoiser == "transformer":
+        lo, hi = COGVIDEOX_FRAMES
+        n = _check_int("frames", frames, lo, hi)
+        k = int(model.pipeline.vae_scale_factor_temporal)
+        if (n - 1) % k:
+            raise ValueError(f"frames={n}: {model.family.name} needs {k}k+1 frames (e.g. {n - (n - 1) % k} or "
+                             f"{n - (n - 1) % k + k}) because its VAE compresses time {k}x")
+        return n
+    lo, hi = SVD_FRAMES
+    return _check_int("frames", frames, lo, hi)
+
+
+# -- the motion embedding ----------------------------------------------------------------------
+@torch.no_grad()
+def _motion_embeddings(embedder: torch.nn.Module, obj: float, cam: float, cfg: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uncond [1, D], cond [1, D])`` for one sample; embedders may define ``cfg_embedding``
+    (``motion.embedding.MotionScoreEmbedding``) or just ``uncond_scores``."""
+    o = torch.tensor([obj], dtype=torch.float32)
+    c = torch.tensor([cam], dtype=torch.float32)
+    if callable(getattr(embedder, "cfg_embedding", None)):
+        e_u, e_c = embedder.cfg_embedding(o, c, cfg)
+    else:
+        e_c = embedder(o, c)
+        pair = getattr(embedder, "uncond_scores", None)
+        e_u = embedder(torch.tensor([float(pair[0])]), torch.tensor([float(pair[1])])) if pair is not None and cfg > 1 else e_c
+    for what, e in (("conditional", e_c), ("unconditional", e_u)):
+        if not isinstance(e, torch.Tensor) or tuple(e.shape) != (1, dim):
+            shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"motion_embedder ({type(embedder).__name__}) returned {shape} for the {what} half; "
+                             f"expected [1, {dim}] (the model's time_embed_dim)")
+        if not torch.isfinite(e).all():
+            raise ValueError(f"motion_embedder ({type(embedder).__name__}) returned non-finite values")
+    return e_u, e_c
+
+
+def sample(
+    model: I2VModel,
+    image: Any,
+    prompt: Optional[str] = "",
+    *,
+    negative_prompt: str = "",
+    frames: int,
+    steps: int,
+    cfg: float,
+    seed: int,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    fps: Optional[float] = None,
+    object_intensity: Optional[float] = None,
+    camera_intensity: Optional[float] = None,
+    weight_schedule: Optional[ScheduledWeights] = None,
+    motion_embedder: Optional[torch.nn.Module] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Video:
+    """Generate a video from ``image`` (and ``prompt`` for text-conditioned families).
+
+    Args:
+        model: from ``pipelines.load_model``.
+        image: path, PIL image, ``[H,W,3]`` array or tensor (see ``load_image``); scaled and
+            centre-cropped to the output size (see ``resolve_size``).
+        prompt / negative_prompt: text (CogVideoX); SVD has no text input and ignores them.
+        frames: CogVideoX 4k+1 in 5..161; SVD 2..128. steps: 1..500.
+        cfg: classifier-free guidance scale 1..30 (1 = off). For SVD it is the maximum of SVD's
+            per-frame guidance ramp (which starts at 1.0).
+        seed: same seed and inputs -> same frames.
+        height / width: output size in pixels (default: see ``resolve_size``).
+        fps: frame rate of the result (SVD is also conditioned on it); default: the family's.
+        object_intensity / camera_intensity: motion scores 1..10 for ``motion_embedder``; both
+            are required with an embedder and refused without one (a clear error rather than a
+            silent no-op: a model without an embedder cannot follow them).
+        weight_schedule: ``merging.patcher.ScheduledWeights`` applied to the denoiser per step.
+        motion_embedder: module ``(object [B], camera [B]) -> [B, time_embed_dim]`` added to the
+            timestep embedding for both CFG halves.
+        progress: ``progress(step, total)`` after every step; raising from it cancels the run.
+    Returns:
+        ``Video(frames [T,H,W,3] float32 0..1, fps)``; the denoiser's weights are unchanged.
+    """
+    if not isinstance(model, I2VModel):
+        raise TypeError(f"model must be a pipelines.I2VModel (from load_model), got {type(model).__name__}")
+    fam = model.family
+    n_frames = check_frames(model, frames)
+    n_steps = _check_int("steps", steps, 1, MAX_STEPS)
+    cfg = _check_float("cfg", cfg, *CFG_RANGE)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    fps = _check_float("fps", fps if fps is not None else fam.default_fps, 1.0, 240.0)
+    if progress is not None and not callable(progress):
+        raise ValueError("progress must be a callable progress(step, total)")
+
+    has_scores = object_intensity is not None or camera_intensity is not None
+    if motion_embedder is None and has_scores:
+        raise ValueError(
+            "object_intensity/camera_intensity need a motion_embedder (a motion-conditioned model); "
+            "this call has none, so the scores could not have any effect"
+        )
+    if motion_embedder is not None:
+        if not isinstance(motion_embedder, torch.nn.Module):
+            raise ValueError(f"motion_embedder must be a torch.nn.Module, got {type(motion_embedder).__name__}")
+        if object_intensity is None or camera_intensity is None:
+            raise ValueError("a motion_embedder needs both object_intensity and camera_intensity (scores 1..10)")
+        object_intensity = _check_float("object_intensity", object_intensity, *SCORE_RANGE)
+        camera_intensity = _check_float("camera_intensity", camera_intensity, *SCORE_RANGE)
+    if weight_schedule is not None:
+        if not isinstance(weight_schedule, ScheduledWeights):
+            raise ValueError(f"weight_schedule must be a merging.patcher.ScheduledWeights, got "
+                             f"{type(weight_schedule).__name__}")
+        if model.offload == "sequential":
+            raise ValueError("weight schedules need the denoiser's weights in memory; load the model with "
+                             "offload='none' or 'model', not 'sequential'")
+
+    pil = load_image(image)
+    h, w = resolve_size(model, pil.size, height, width)
+    pil = fit_image(pil, h, w)
+    if not fam.text_conditioned and (prompt or negative_prompt):
+        logger.info("%s has no text input; the prompt is ignored", fam.name)
+
+    denoiser = model.denoiser
+    trace: list[StepTrace] = []
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    patcher = WeightPatcher(denoiser, weight_schedule) if weight_schedule is not None else None
+    embeds = (
+        _motion_embeddings(motion_embedder, object_intensity, camera_intensity, cfg, model.time_embed_dim)
+        if motion_embedder is not None else None
+    )
+
+    def before_denoiser(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        level = model.noise_level(t)
+        used = None
+        if patcher is not None:
+            patcher.apply(level)
+            used = patcher.current_weights
+        trace.append(StepTrace(len(trace), float(torch.as_tensor(t).reshape(-1)[0]), level, used))
+
+    def add_motion(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        e_u, e_c = embeds
+        n = output.shape[0]
+        if cfg > 1.0:
+            if n % 2:
+                raise RuntimeError(f"expected a CFG batch [uncond; cond] of even size at the time embedding, got {n}")
+            extra = torch.cat([e_u.expand(n // 2, -1), e_c.expand(n // 2, -1)])
+        else:
+            extra = e_c.expand(n, -1)
+        return output + extra.to(device=output.device, dtype=output.dtype)
+
+    def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if progress is not None:
+            progress(i + 1, n_steps)
+        return kwargs
+
+    handles = []
+    try:
+        with ExitStack() as stack:
+            if patcher is not None:
+                stack.enter_context(patcher)
+            handles.append(denoiser.register_forward_pre_hook(before_denoiser, with_kwargs=True))
+            if embeds is not None:
+                handles.append(model.time_embedding.register_forward_hook(add_motion))
+            common = dict(height=h, width=w, num_frames=n_frames, num_inference_steps=n_steps, generator=generator,
+                          output_type="pt", callback_on_step_end=on_step_end)
+            if fam.name == "svd":
+                out = model.pipeline(pil, fps=int(round(fps)), min_guidance_scale=1.0, max_guidance_scale=cfg,
+                                     decode_chunk_size=2 if model.vae_slicing else n_frames, **common)
+            else:
+                out = model.pipeline(pil, prompt=prompt or "", negative_prompt=negative_prompt or "",
+                                     guidance_scale=cfg,
+                                     max_sequence_length=int(denoiser.config.max_text_seq_length), **common)
+    finally:
+        for hd in handles:
+            hd.remove()
+
+    video = out.frames[0].permute(0, 2, 3, 1).to(device="cpu", dtype=torch.float32).contiguous()
+    settings = dict(family=fam.name, variant=model.variant, model=model.path, height=h, width=w, frames=n_frames,
+                    steps=n_steps, cfg=cfg, seed=seed, fps=fps, prompt=prompt or "", negative_prompt=negative_prompt,
+                    object_intensity=object_intensity, camera_intensity=camera_intensity,
+                    weight_schedule=type(weight_schedule.schedule).__name__ if weight_schedule is not None else None,
+                    weight_writes=patcher.writes if patcher is not None else 0,
+                    motion_embedder=type(motion_embedder).__name__ if motion_embedder is not None else None,
+                    dtype=str(model.dtype).replace("torch.", ""), device=str(model.device))
+    return Video(frames=video, fps=fps, trace=trace, settings=settings)
