@@ -79,14 +79,18 @@ class DiffusionObjective:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.denoiser: nn.Module = model.denoiser
         self.device = model.device
 
     def encode(self, batch: dict, generator: torch.Generator) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
+    def loss(self, enc: dict, denoiser: nn.Module, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        """The loss of one encoded batch. ``denoiser`` is passed in (not ``self.model.denoiser``)
+        so that a trainer can route the call through its own (accelerate-wrapped) module."""
         raise NotImplementedError
+
+    def time_embedding(self, denoiser: nn.Module) -> nn.Module:
+        return denoiser.get_submodule(self.model.family.time_embedding_module)
 
     def _randn(self, shape, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
         # Drawn on the generator's device (CPU) then moved: the same numbers on every device.
@@ -99,7 +103,7 @@ class CogVideoXObjective(DiffusionObjective):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.pipe = model.pipeline
-        self.cfg = self.denoiser.config
+        self.cfg = model.denoiser.config
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -149,7 +153,7 @@ class CogVideoXObjective(DiffusionObjective):
             "camera": batch["camera"].to(self.device).float(),
         }
 
-    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, enc: dict, denoiser: nn.Module, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
         sched = self.model.scheduler
         x0 = enc["latents"]
         b = x0.shape[0]
@@ -158,13 +162,13 @@ class CogVideoXObjective(DiffusionObjective):
         noise = self._randn(x0.shape, generator)
         noisy = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
-        dtype = next(self.denoiser.parameters()).dtype
+        dtype = next(denoiser.parameters()).dtype
         inp = torch.cat([noisy, enc["image_latents"]], dim=2).to(dtype)
         ofs = None
         if self.cfg.get("ofs_embed_dim") is not None:
             ofs = inp.new_full((1,), 2.0)  # the pipeline's constant
-        with motion_hook(self.model.time_embedding, embedder, enc["object"], enc["camera"]):
-            pred = self.denoiser(
+        with motion_hook(self.time_embedding(denoiser), embedder, enc["object"], enc["camera"]):
+            pred = denoiser(
                 hidden_states=inp, encoder_hidden_states=enc["text"].to(dtype), timestep=t, ofs=ofs,
                 image_rotary_emb=enc["rotary"], return_dict=False,
             )[0]
@@ -218,7 +222,7 @@ class SVDObjective(DiffusionObjective):
             "camera": batch["camera"].to(self.device).float(),
         }
 
-    def loss(self, enc: dict, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, enc: dict, denoiser: nn.Module, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
         x0 = enc["latents"]
         b = x0.shape[0]
         log_sigma = SVD_P_MEAN + SVD_P_STD * torch.randn((b,), generator=generator)
@@ -228,10 +232,10 @@ class SVDObjective(DiffusionObjective):
         noisy = x0 + sigma * noise
         c_in = 1.0 / (sigma**2 + 1.0).sqrt()  # EulerDiscreteScheduler.scale_model_input
         c_noise = 0.25 * log_sigma  # EulerDiscreteScheduler's continuous timesteps
-        dtype = next(self.denoiser.parameters()).dtype
+        dtype = next(denoiser.parameters()).dtype
         inp = torch.cat([noisy * c_in, enc["image_latents"]], dim=2).to(dtype)
-        with motion_hook(self.model.time_embedding, embedder, enc["object"], enc["camera"]):
-            out = self.denoiser(
+        with motion_hook(self.time_embedding(denoiser), embedder, enc["object"], enc["camera"]):
+            out = denoiser(
                 inp, c_noise.to(dtype), encoder_hidden_states=enc["image_embeddings"].to(dtype),
                 added_time_ids=enc["added_time_ids"].to(dtype), return_dict=False,
             )[0].float()
