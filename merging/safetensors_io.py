@@ -17,13 +17,12 @@ data; offsets are relative to the end of the header. Files we write pass ``safe_
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator, Mapping
+from typing import BinaryIO, Iterable, Mapping
 
 import torch
 
@@ -35,6 +34,7 @@ __all__ = [
     "read_header",
     "read_tensor",
     "read_elements",
+    "read_range",
     "SafetensorsWriter",
     "dtype_name",
 ]
@@ -155,6 +155,20 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
 
+def read_range(f: BinaryIO, info: TensorInfo, offset: int, count: int) -> torch.Tensor:
+    """Read flat elements ``[offset, offset + count)`` of a tensor (1-D, stored dtype)."""
+    size = torch.empty((), dtype=info.dtype).element_size()
+    nbytes = count * size
+    buf = bytearray(nbytes)
+    f.seek(info.start + offset * size)
+    got = f.readinto(buf)
+    if got != nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading {info.key!r} ({got} of {nbytes} bytes)")
+    if nbytes == 0:
+        return torch.empty(0, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype)
+
+
 def read_elements(f: BinaryIO, info: TensorInfo, flat_indices: Iterable[int]) -> list[float]:
     """Read single elements (by flat index) as Python floats, exactly as ``tensor.float()`` gives."""
     size = torch.empty((), dtype=info.dtype).element_size()
@@ -198,6 +212,9 @@ class SafetensorsWriter:
         self._entries = list(entries.items())
         header, self._sizes = _aligned_header(entries, metadata or {})
         self._next = 0
+        self._written = 0
+        while self._next < len(self._entries) and self._sizes[self._next] == 0:
+            self._next += 1
         self._f: BinaryIO | None = None
         try:
             self._f = open(path, "wb")
@@ -214,18 +231,31 @@ class SafetensorsWriter:
             raise _output_error(self.path, e) from None
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Append the next declared tensor (on CPU, in its declared dtype and shape)."""
+        """Append (part of) the current declared tensor, in its declared dtype.
+
+        A tensor may arrive whole or as consecutive flat chunks; the writer moves on to the next
+        declared key once all of this one's bytes are in.
+        """
         exp_key, (dtype, shape) = self._entries[self._next]
-        if key != exp_key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise AssertionError(f"writer expected {exp_key} {dtype} {shape}, got {key} {tensor.dtype} {tuple(tensor.shape)}")
-        if tensor.numel():
+        if key != exp_key or tensor.dtype != dtype:
+            raise AssertionError(f"{self.path}: writer expected {exp_key} ({dtype}), got {key} ({tensor.dtype})")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._written + nbytes > self._sizes[self._next]:
+            raise AssertionError(f"{self.path}: more data than declared for {key} {list(shape)}")
+        if nbytes:
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             self._write(memoryview(data))
-        self._next += 1
+        self._written += nbytes
+        if self._written == self._sizes[self._next]:
+            self._next += 1
+            self._written = 0
+            # Zero-size tensors that follow have nothing to wait for.
+            while self._next < len(self._entries) and self._sizes[self._next] == 0:
+                self._next += 1
 
     def close(self) -> None:
         """Flush and close; every declared tensor must have been written."""
-        if self._next != len(self._entries):
+        if self._next < len(self._entries):
             raise AssertionError(f"{self.path}: {len(self._entries) - self._next} declared tensors not written")
         assert self._f is not None
         try:

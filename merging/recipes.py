@@ -1,0 +1,473 @@
+"""Recipes over checkpoints: the ED dynamics/control deltas, plain task vectors, TIES, merging.
+
+Each ``build_*`` function opens its inputs, checks they line up, and streams the recipe through
+``merging.engine.run`` into one output folder (written atomically). The ED recipe, exactly as
+the reference (``../shared/spec/method.md``), as deltas against ``pre``:
+
+* dynamics: ``Δ_dyn = b_dyn * DARE_p(a_dyn * (pre - ft))``   (``dyn = pre + Δ_dyn``)
+* control:  ``Δ_con = (a_con * ft + b_con * DARE_p(ft - pre)) - pre``   (``con = pre + Δ_con``)
+
+with independent masks for the two vectors (streams ``"dynamics"`` and ``"control"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from families import Family, get_family
+
+from . import ops
+from .checkpoint import Checkpoint, open_checkpoint
+from .deltas import DELTA_FORMAT, compact_fingerprint, delta_metadata, load_delta
+from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run
+from .errors import CheckpointError, MergeError
+from .fingerprint import fingerprint_checkpoint
+from .safetensors_io import dtype_name
+from .schedule import reference_ed_schedule
+
+__all__ = [
+    "ED_DEFAULTS",
+    "EDRecipe",
+    "TaskVectorRecipe",
+    "TiesRecipe",
+    "ApplyRecipe",
+    "BuildResult",
+    "build_ed",
+    "build_task_vector",
+    "build_ties",
+    "merge_deltas",
+    "prepare",
+]
+
+ED_DEFAULTS: dict[str, float] = {"a_dyn": 0.25, "b_dyn": 0.75, "a_con": 1.0, "b_con": 0.25, "p": 0.7}
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes (fp32 in, fp32 out; see engine.Recipe)
+# --------------------------------------------------------------------------------------------
+class EDRecipe:
+    """ED stages 2+3. Outputs ``dynamics``/``control`` deltas and optionally the merged models."""
+
+    inputs = ("base", "finetuned")
+    elementwise = True
+
+    def __init__(self, a_dyn: float, b_dyn: float, a_con: float, b_con: float, p: float, seed: int, merged: bool = False) -> None:
+        self.a_dyn, self.b_dyn, self.a_con, self.b_con, self.p, self.seed = a_dyn, b_dyn, a_con, b_con, p, seed
+        self.merged = merged
+        self.outputs = ("dynamics", "control") + (("dynamics_model", "control_model") if merged else ())
+
+    def compute(self, key, inputs, shape, offset):
+        pre, ft = inputs["base"], inputs["finetuned"]
+        dyn = self.b_dyn * ops.dare(self.a_dyn * (pre - ft), self.p, self.seed, key, "dynamics", shape, offset)
+        con = (self.a_con * ft + self.b_con * ops.dare(ft - pre, self.p, self.seed, key, "control", shape, offset)) - pre
+        out = {"dynamics": dyn, "control": con}
+        if self.merged:
+            out["dynamics_model"] = pre + dyn
+            out["control_model"] = pre + con
+        return out
+
+
+class TaskVectorRecipe:
+    """``Δ = scale * post(ft - pre)`` with ``post`` = DARE (``dare_p``) and/or top-k (``density``)."""
+
+    inputs = ("base", "finetuned")
+
+    def __init__(self, scale: float = 1.0, dare_p: float | None = None, density: float | None = None, seed: int = 0, name: str = "delta", merged: bool = False) -> None:
+        self.scale, self.dare_p, self.density, self.seed, self.name = scale, dare_p, density, seed, name
+        self.merged = merged
+        self.elementwise = density is None  # top-k needs the whole tensor
+        self.outputs = (name,) + ((f"{name}_model",) if merged else ())
+
+    def compute(self, key, inputs, shape, offset):
+        pre = inputs["base"]
+        tau = ops.task_vector(inputs["finetuned"], pre)
+        if self.density is not None:
+            tau = ops.magnitude_topk(tau, self.density)
+        if self.dare_p:
+            tau = ops.dare(tau, self.dare_p, self.seed, key, self.name, shape, offset)
+        d = self.scale * tau
+        out = {self.name: d}
+        if self.merged:
+            out[f"{self.name}_model"] = pre + d
+        return out
+
+
+class TiesRecipe:
+    """TIES over several fine-tunes of one base: ``Δ = scale * ties(ft_i - pre)``."""
+
+    elementwise = False
+
+    def __init__(self, n: int, density: float, scale: float = 1.0, weights: Sequence[float] | None = None, name: str = "delta", merged: bool = False) -> None:
+        self.inputs = ("base",) + tuple(f"finetuned{i}" for i in range(n))
+        self.density, self.scale, self.weights, self.name, self.merged = density, scale, weights, name, merged
+        self.outputs = (name,) + ((f"{name}_model",) if merged else ())
+
+    def compute(self, key, inputs, shape, offset):
+        pre = inputs["base"]
+        taus = [inputs[n] - pre for n in self.inputs[1:]]
+        d = self.scale * ops.ties_merge(taus, self.density, self.weights)
+        out = {self.name: d}
+        if self.merged:
+            out[f"{self.name}_model"] = pre + d
+        return out
+
+
+class ApplyRecipe:
+    """``merged = base + sum_k w_k * Δ_k`` (deltas may cover a subset of keys)."""
+
+    elementwise = True
+
+    def __init__(self, weights: Mapping[str, float], name: str = "merged") -> None:
+        self.weights = dict(weights)
+        self.inputs = ("base",) + tuple(self.weights)
+        self.outputs = (name,)
+        self.name = name
+
+    def compute(self, key, inputs, shape, offset):
+        out = inputs["base"]
+        for n, w in self.weights.items():
+            out = out + w * inputs[n]
+        return {self.name: out}
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BuildResult:
+    """What a build wrote (or, for a dry run, would write)."""
+
+    out_dir: str
+    plan: Plan
+    files: dict[str, str] = field(default_factory=dict)  # output name -> path to load it from
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        p = self.plan
+        lines = [
+            f"keys: {len(p.keys)} in the base, {len(p.scope_keys)} in scope",
+            f"read: {p.read_bytes / 1e9:.3f} GB",
+        ]
+        for name, nb in p.write_bytes.items():
+            lines.append(f"write {name}: {nb / 1e9:.3f} GB in {len(p.shards[name])} file(s)")
+        lines.append(f"memory for the arithmetic: about {p.peak_memory_bytes / 1e6:.0f} MB (plus ~0.3 GB for Python and torch)")
+        return "\n".join(lines)
+
+
+@dataclass
+class Prepared:
+    base: Checkpoint
+    others: dict[str, Checkpoint]
+    family: Family | None
+    scope_keys: list[str]
+    dtype: torch.dtype
+
+
+def _auto_dtype(base: Checkpoint, keys: Sequence[str]) -> torch.dtype:
+    counts = Counter(base.tensors[k].dtype for k in keys if base.tensors[k].dtype.is_floating_point)
+    if not counts:
+        return torch.float32
+    dt = counts.most_common(1)[0][0]
+    return dt if dt in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def prepare(
+    base: str | Checkpoint,
+    others: Mapping[str, str | Checkpoint],
+    *,
+    scope: str = "all",
+    family: str | Family | None = None,
+    dtype: str | torch.dtype = "auto",
+    allow_dtype_mismatch: bool = False,
+    partial: Sequence[str] = (),
+) -> Prepared:
+    """Open and cross-check the inputs; resolve the family, the scope and the output dtype."""
+    b = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    o = {n: (c if isinstance(c, Checkpoint) else open_checkpoint(c)) for n, c in others.items()}
+    check_compatible(b, o, allow_dtype_mismatch=allow_dtype_mismatch, partial=partial)
+    fam = get_family(family) if isinstance(family, str) else family
+    fam = fam or b.family or next((c.family for c in o.values() if c.family is not None), None)
+    floating = [k for k, i in b.tensors.items() if i.dtype.is_floating_point]
+    scope_keys = resolve_scope(scope, floating, fam)
+    dt = _auto_dtype(b, scope_keys) if dtype == "auto" else parse_dtype(dtype)
+    return Prepared(b, o, fam, scope_keys, dt)
+
+
+def _link_or_copy_tree(src: str, dst: str) -> None:
+    """Mirror a component folder with hard links (no extra space), copying where links fail."""
+    for root, _dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for f in files:
+            s, d = os.path.join(root, f), os.path.join(dst, rel, f)
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+
+
+def _model_folder_writer(base: Checkpoint, family: Family | None, model_dirs: Sequence[str]) -> Callable[[str], None] | None:
+    """For a diffusers base: complete each merged model folder (index, other components, config)."""
+    if base.family is None or family is None:
+        return None
+    root = base.path
+
+    def write(tmp: str) -> None:
+        for d in model_dirs:
+            target = os.path.join(tmp, d)
+            shutil.copy2(os.path.join(root, "model_index.json"), os.path.join(target, "model_index.json"))
+            for entry in sorted(os.listdir(root)):
+                src = os.path.join(root, entry)
+                if entry == family.denoiser:
+                    # Configs etc. of the denoiser, but not its weights (we wrote merged ones).
+                    for f in os.listdir(src):
+                        if not (f.endswith(".safetensors") or f.endswith(".safetensors.index.json") or f.endswith(".bin")):
+                            p = os.path.join(src, f)
+                            if os.path.isfile(p):
+                                shutil.copy2(p, os.path.join(target, entry, f))
+                elif os.path.isdir(src):
+                    _link_or_copy_tree(src, os.path.join(target, entry))
+                elif entry != "model_index.json":
+                    shutil.copy2(src, os.path.join(target, entry))
+
+    return write
+
+
+def _model_stem(base: Checkpoint, family: Family | None, name: str) -> tuple[str, str]:
+    """(stem of the merged weights, path to load the merged model from), relative to out_dir."""
+    if base.family is not None and family is not None:
+        return f"{name}/{family.denoiser}/diffusion_pytorch_model", name
+    return name, name
+
+
+def _files(plan: Plan, out_dir: str, specs: Sequence[OutputSpec], model_paths: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for s in specs:
+        if s.name in model_paths and os.path.isdir(os.path.join(out_dir, model_paths[s.name])):
+            out[s.name] = os.path.join(out_dir, model_paths[s.name])
+        elif len(plan.shards[s.name]) > 1:
+            out[s.name] = os.path.join(out_dir, f"{s.stem}.safetensors.index.json")
+        else:
+            out[s.name] = os.path.join(out_dir, f"{s.stem}.safetensors")
+    return out
+
+
+def _execute(
+    prep: Prepared,
+    inputs: dict[str, Checkpoint],
+    recipe: Any,
+    delta_meta: Mapping[str, dict[str, str]],
+    model_names: Sequence[str],
+    out_dir: str,
+    *,
+    dry_run: bool,
+    overwrite: bool,
+    max_shard_bytes: int,
+    progress: Callable[[int, int], None] | None,
+    recipe_json: Mapping[str, Any],
+    write_schedule: bool = False,
+) -> BuildResult:
+    specs: list[OutputSpec] = [OutputSpec(n, n, "delta", prep.dtype, dict(m)) for n, m in delta_meta.items()]
+    model_paths = {}
+    for n in model_names:
+        stem, load = _model_stem(prep.base, prep.family, n)
+        model_paths[n] = load
+        meta = {"format": "pt", "motiondial": json.dumps({"merged_from": recipe_json}, sort_keys=True)}
+        specs.append(OutputSpec(n, stem, "full", prep.dtype, meta))
+    from .engine import plan as make_plan
+
+    if dry_run:
+        p = make_plan(prep.base, inputs, recipe, specs, prep.scope_keys, max_shard_bytes=max_shard_bytes)
+        return BuildResult(out_dir, p, {}, dry_run=True)
+    model_writer = _model_folder_writer(prep.base, prep.family, [model_paths[n] for n in model_names])
+
+    def extra(tmp: str) -> None:
+        with open(os.path.join(tmp, "recipe.json"), "w", encoding="utf-8") as f:
+            json.dump(recipe_json, f, indent=2, sort_keys=True)
+        if write_schedule:
+            reference_ed_schedule().save(os.path.join(tmp, "schedule.json"))
+        if model_writer is not None:
+            model_writer(tmp)
+
+    p = run(
+        prep.base, inputs, recipe, specs, out_dir, scope_keys=prep.scope_keys, max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite, extra_files=extra, progress=progress,
+    )
+    return BuildResult(out_dir, p, _files(p, out_dir, specs, model_paths))
+
+
+def build_ed(
+    base: str | Checkpoint,
+    finetuned: str | Checkpoint,
+    out_dir: str,
+    *,
+    a_dyn: float = 0.25,
+    b_dyn: float = 0.75,
+    a_con: float = 1.0,
+    b_con: float = 0.25,
+    p: float = 0.7,
+    seed: int = 0,
+    scope: str = "all",
+    family: str | Family | None = None,
+    dtype: str | torch.dtype = "auto",
+    merged: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_dtype_mismatch: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Build the ED dynamics and control deltas from ``(base, finetuned)`` into ``out_dir``.
+
+    Writes ``dynamics.safetensors`` and ``control.safetensors`` (sharded above
+    ``max_shard_bytes``), ``schedule.json`` (the reference hard switch at level 0.5) and
+    ``recipe.json``; with ``merged=True`` also the merged models ``dynamics_model`` and
+    ``control_model`` (complete diffusers folders when ``base`` is one; other components are
+    hard-linked, or copied where links are impossible). ``dtype`` is the storage dtype of
+    the outputs (``"auto"`` = the base's). Arithmetic is fp32. See ``ED_DEFAULTS``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
+    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    inputs = {"base": prep.base, **prep.others}
+    params = {"a_dyn": a_dyn, "b_dyn": b_dyn, "a_con": a_con, "b_con": b_con, "p": p}
+    recipe = EDRecipe(a_dyn, b_dyn, a_con, b_con, p, seed, merged=merged)
+    fam = prep.family.name if prep.family else None
+    if dry_run:
+        base_fp = ft_fp = {"format": "motiondial.fingerprint"}
+    else:
+        base_fp = fingerprint_checkpoint(prep.base)
+        ft_fp = fingerprint_checkpoint(prep.others["finetuned"])
+    common = dict(recipe="ed", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys), dtype=prep.dtype,
+                  family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)
+    meta = {
+        "dynamics": delta_metadata(name="dynamics", **common, extra={"formula": "b_dyn * DARE_p(a_dyn * (pre - ft))"}),
+        "control": delta_metadata(name="control", **common, extra={"formula": "(a_con * ft + b_con * DARE_p(ft - pre)) - pre"}),
+    }
+    recipe_json = {
+        "format": "motiondial.build", "version": 1, "recipe": "ed", "params": params, "seed": seed, "scope": scope,
+        "n_keys_in_scope": len(prep.scope_keys), "dtype": dtype_name(prep.dtype).lower(), "family": fam,
+        "base": os.path.abspath(prep.base.path), "finetuned": os.path.abspath(prep.others["finetuned"].path),
+        "base_fingerprint": compact_fingerprint(base_fp), "finetuned_fingerprint": compact_fingerprint(ft_fp),
+    }
+    return _execute(
+        prep, inputs, recipe, meta, ["dynamics_model", "control_model"] if merged else [], out_dir,
+        dry_run=dry_run, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+        recipe_json=recipe_json, write_schedule=True,
+    )
+
+
+def build_task_vector(
+    base: str | Checkpoint,
+    finetuned: str | Checkpoint,
+    out_dir: str,
+    *,
+    scale: float = 1.0,
+    dare_p: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    name: str = "delta",
+    scope: str = "all",
+    family: str | Family | None = None,
+    dtype: str | torch.dtype = "auto",
+    merged: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_dtype_mismatch: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """One delta ``scale * post(ft - pre)`` (``post``: top-k ``density``, then DARE ``dare_p``).
+
+    ``scale > 1`` extrapolates towards/past the fine-tune, ``scale < 0`` away from it.
+    """
+    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    inputs = {"base": prep.base, **prep.others}
+    recipe = TaskVectorRecipe(scale, dare_p, density, seed, name, merged)
+    params = {"scale": scale, "dare_p": dare_p, "density": density}
+    base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
+    ft_fp = None if dry_run else fingerprint_checkpoint(prep.others["finetuned"])
+    fam = prep.family.name if prep.family else None
+    meta = {name: delta_metadata(name=name, recipe="task_vector", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys),
+                                 dtype=prep.dtype, family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)}
+    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "task_vector", "params": params, "seed": seed,
+                   "scope": scope, "dtype": dtype_name(prep.dtype).lower(), "family": fam}
+    return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
+                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
+
+
+def build_ties(
+    base: str | Checkpoint,
+    finetuned: Sequence[str | Checkpoint],
+    out_dir: str,
+    *,
+    density: float = 0.2,
+    scale: float = 1.0,
+    weights: Sequence[float] | None = None,
+    name: str = "delta",
+    scope: str = "all",
+    family: str | Family | None = None,
+    dtype: str | torch.dtype = "auto",
+    merged: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_dtype_mismatch: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """One delta merging several fine-tunes of the same base with TIES (trim, elect sign, disjoint mean)."""
+    if not finetuned:
+        raise ValueError("build_ties needs at least one fine-tuned checkpoint")
+    others = {f"finetuned{i}": c for i, c in enumerate(finetuned)}
+    prep = prepare(base, others, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    inputs = {"base": prep.base, **prep.others}
+    recipe = TiesRecipe(len(finetuned), density, scale, weights, name, merged)
+    params = {"density": density, "scale": scale, "weights": list(weights) if weights else None, "n_finetuned": len(finetuned)}
+    base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
+    fam = prep.family.name if prep.family else None
+    meta = {name: delta_metadata(name=name, recipe="ties", params=params, seed=None, scope=scope, n_keys=len(prep.scope_keys),
+                                 dtype=prep.dtype, family=fam, base_fingerprint=base_fp)}
+    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "ties", "params": params, "scope": scope,
+                   "dtype": dtype_name(prep.dtype).lower(), "family": fam}
+    return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
+                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
+
+
+def merge_deltas(
+    base: str | Checkpoint,
+    deltas: Mapping[str, float],
+    out_dir: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """A static merge ``base + sum_k w_k * Δ_k`` written as a full model (``out_dir/merged``).
+
+    ``deltas`` maps delta paths to weights. Each delta must have been built for ``base``
+    (fingerprint check). For a diffusers ``base`` the result is a complete model folder.
+    """
+    b = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    fp = fingerprint_checkpoint(b)
+    named: dict[str, Checkpoint] = {}
+    weights: dict[str, float] = {}
+    for i, (path, w) in enumerate(deltas.items()):
+        d = load_delta(path, fp, lazy=True)
+        named[f"delta{i}"] = d._checkpoint
+        weights[f"delta{i}"] = float(w)
+    prep = prepare(b, named, scope="all", dtype=dtype, partial=list(named), allow_dtype_mismatch=True)
+    rank = {k: i for i, k in enumerate(b.tensors)}
+    scope_keys = sorted(set().union(*[set(c.tensors) for c in named.values()]), key=rank.__getitem__)
+    prep.scope_keys = scope_keys
+    recipe = ApplyRecipe(weights, name="merged")
+    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "apply",
+                   "deltas": {os.path.abspath(p): float(w) for p, w in deltas.items()}, "dtype": dtype_name(prep.dtype).lower()}
+    return _execute(prep, {"base": b, **named}, recipe, {}, ["merged"], out_dir, dry_run=False, overwrite=overwrite,
+                    max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
