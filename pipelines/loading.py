@@ -165,6 +165,16 @@ class I2VModel:
             return int(cfg.sample_height) * s, int(cfg.sample_width) * s
         return None
 
+    @property
+    def max_resolution(self) -> tuple[int, int] | None:
+        """``(height, width)`` in pixels the model cannot exceed: CogVideoX 1.5's rotary position grid
+        is built for at most ``sample_{h,w}`` latents. ``None`` = no cap (beyond memory)."""
+        cfg = self.denoiser.config
+        if self.family.denoiser == "transformer" and cfg.get("patch_size_t") is not None:
+            s = self.pipeline.vae_scale_factor_spatial
+            return int(cfg.sample_height) * s, int(cfg.sample_width) * s
+        return self.resolution_locked
+
     def noise_level(self, timestep: Any) -> float:
         """The common noise level (0 clean .. 1 pure noise) of what the denoiser receives as timestep."""
         return noise_level_from_timestep(self.family, timestep, self.scheduler.config)

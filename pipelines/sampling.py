@@ -118,21 +118,28 @@ def _size_multiple(model: I2VModel) -> int:
     return math.lcm(8, int(pipe.vae_scale_factor) * 2 ** (len(model.denoiser.config.block_out_channels) - 1))
 
 
-def _default_side(model: I2VModel) -> tuple[int, int]:
+# CogVideoX 1.5 I2V was trained around 768 x 1360; diffusers' default (the full rotary grid,
+# sample_h*8 x sample_w*8 = 2400 x 2400 for the real model) is far too large, so we default to
+# this pixel area (capped by the grid).
+COGVIDEOX15_DEFAULT_AREA = 768 * 1360
+
+
+def _default_area(model: I2VModel) -> int:
     cfg = model.denoiser.config
     if model.family.denoiser == "transformer":
         s = int(model.pipeline.vae_scale_factor_spatial)
-        return int(cfg.sample_height) * s, int(cfg.sample_width) * s
-    s = int(cfg.sample_size) * int(model.pipeline.vae_scale_factor)
-    return s, s
+        return min(COGVIDEOX15_DEFAULT_AREA, int(cfg.sample_height) * s * int(cfg.sample_width) * s)
+    # SVD: (sample_size * 8)^2 = 768^2 for the real model, the area of its 576 x 1024 default.
+    return (int(cfg.sample_size) * int(model.pipeline.vae_scale_factor)) ** 2
 
 
 def resolve_size(model: I2VModel, image_size: tuple[int, int], height: Optional[int], width: Optional[int]) -> tuple[int, int]:
     """Output ``(height, width)`` in pixels for an image of ``image_size = (w, h)``.
 
-    Resolution-locked models take only their size. Otherwise: the given height/width (checked
-    to be multiples of the model's size step), or, when left out, the image's aspect ratio at
-    the model's default pixel area, rounded to the size step.
+    Resolution-locked models take only their size (the image must be close to its aspect
+    ratio). Otherwise: the given height/width (multiples of the model's size step, within its
+    cap); a missing one follows the image's aspect ratio; with neither, the image's aspect ratio
+    at the family's default pixel area, shrunk to fit the model's cap.
     """
     iw, ih = image_size
     if min(iw, ih) < 8:
@@ -154,21 +161,22 @@ def resolve_size(model: I2VModel, image_size: tuple[int, int], height: Optional[
                 f"to an aspect ratio within {LOCKED_ASPECT_TOLERANCE}x of {lw / lh:.2f} first"
             )
         return lh, lw
-    for what, v in (("height", height), ("width", width)):
-        if v is not None and (int(v) != v or v <= 0 or v % m or v > MAX_SIDE):
-            raise ValueError(f"{what}={v}: must be a positive multiple of {m} up to {MAX_SIDE} for this model")
+    cap_h, cap_w = model.max_resolution or (MAX_SIDE, MAX_SIDE)
+    for what, v, cap in (("height", height, cap_h), ("width", width, cap_w)):
+        if v is not None and (int(v) != v or v <= 0 or v % m or v > min(cap, MAX_SIDE)):
+            raise ValueError(f"{what}={v}: must be a positive multiple of {m} up to {min(cap, MAX_SIDE)} for this "
+                             f"{model.family.name} model ({model.path})")
+    aspect = iw / ih
     if height is not None and width is not None:
         return int(height), int(width)
-    aspect = iw / ih
     if height is not None:
-        return int(height), max(m, int(round(height * aspect / m)) * m)
+        return int(height), min(cap_w, max(m, int(round(height * aspect / m)) * m))
     if width is not None:
-        return max(m, int(round(width / aspect / m)) * m), int(width)
-    dh, dw = _default_side(model)
-    area = dh * dw
-    h = max(m, int(round(math.sqrt(area / aspect) / m)) * m)
-    w = max(m, int(round(math.sqrt(area * aspect) / m)) * m)
-    return min(h, MAX_SIDE), min(w, MAX_SIDE)
+        return min(cap_h, max(m, int(round(width / aspect / m)) * m)), int(width)
+    area = _default_area(model)
+    h, w = math.sqrt(area / aspect), math.sqrt(area * aspect)
+    shrink = min(1.0, cap_h / h, cap_w / w, MAX_SIDE / h, MAX_SIDE / w)
+    return max(m, int(h * shrink / m) * m), max(m, int(w * shrink / m) * m)
 
 
 def fit_image(img, height: int, width: int):

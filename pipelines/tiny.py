@@ -22,6 +22,9 @@ TINY_FAMILIES = ("cogvideox-i2v", "cogvideox1.5-i2v", "svd")
 TINY_TIME_EMBED_DIM = 16
 # Learned positional embeddings lock CogVideoX 1.0 to sample_{h,w} * 8 pixels (here 32 x 32).
 TINY_COGVIDEOX_LATENT = 4
+# CogVideoX 1.5's rotary embeddings cap the resolution at sample_{h,w} * 8 (here 128 x 128);
+# the grid size costs no parameters.
+TINY_COGVIDEOX15_LATENT = 16
 TINY_SVD_SIZE = 32  # pixels; the tiny SVD VAE compresses 2x
 
 
@@ -56,8 +59,8 @@ def _cogvideox_components(family: str) -> dict[str, Any]:
         time_embed_dim=TINY_TIME_EMBED_DIM,
         text_embed_dim=text_dim,
         num_layers=2,
-        sample_width=TINY_COGVIDEOX_LATENT,
-        sample_height=TINY_COGVIDEOX_LATENT,
+        sample_width=TINY_COGVIDEOX15_LATENT if is_15 else TINY_COGVIDEOX_LATENT,
+        sample_height=TINY_COGVIDEOX15_LATENT if is_15 else TINY_COGVIDEOX_LATENT,
         sample_frames=9,
         patch_size=2,
         patch_size_t=2 if is_15 else None,
@@ -143,7 +146,7 @@ def build_tiny_model(folder: str | os.PathLike, family: str = "cogvideox-i2v", s
         folder: where to save; created if missing. An existing model there is replaced
             atomically (built in a sibling temporary folder, then renamed).
         family: ``"cogvideox-i2v"`` (1.0, 32x32 px, resolution-locked), ``"cogvideox1.5-i2v"``
-            (temporal patching, any multiple of 16 px) or ``"svd"`` (32x32 px default).
+            (temporal patching, multiples of 16 px up to 128 x 128) or ``"svd"`` (32x32 px default).
         seed: torch seed for the random weights; same seed, same weights.
     Returns:
         The folder path (str).
