@@ -168,6 +168,8 @@ def load_deltas(folder: str | os.PathLike, base_fingerprint: Mapping[str, Any] |
     found: dict[str, Delta] = {}
     for n in names:
         if n.endswith(".safetensors.index.json") or (n.endswith(".safetensors") and "-of-" not in n):
+            if open_checkpoint(os.path.join(folder, n)).metadata.get("format") != DELTA_FORMAT:
+                continue  # e.g. merged model weights written next to the deltas
             d = load_delta(os.path.join(folder, n), base_fingerprint, lazy=lazy)
             if d.name in found:
                 raise CheckpointError(f"{folder}: two deltas named {d.name!r}")
