@@ -355,6 +355,9 @@ def save_adapter(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-adapter-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:

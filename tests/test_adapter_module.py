@@ -66,30 +66,9 @@ def clip_dir(tmp_path_factory):
 
 
 def make_tiny_clip(folder, width=32, layout="flat"):
-    """A tiny CLIP text tower + byte-level tokenizer, saved the way a user would have it."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from adapters.tiny import build_tiny_clip_text
 
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    torch.manual_seed(0)
-    enc = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=37, num_hidden_layers=1,
-        num_attention_heads=4, max_position_embeddings=24, bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-    ))
-    folder = str(folder)
-    if layout == "flat":
-        tok.save_pretrained(folder)
-        enc.save_pretrained(folder)
-    else:
-        tok.save_pretrained(os.path.join(folder, "tokenizer"))
-        enc.save_pretrained(os.path.join(folder, "text_encoder"))
-    return folder
+    return build_tiny_clip_text(folder, width, layout=layout)
 
 
 def test_finds_every_temporal_block(unet):
