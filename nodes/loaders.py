@@ -1,0 +1,131 @@
+"""Loader nodes: the I2V model, the motion estimator and the motion embedder."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import host
+from . import types as t
+
+CATEGORY = "MotionDial/loaders"
+
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DEVICES = ["auto", "cpu", "model_offload", "sequential_offload"]
+ESTIMATOR_BUILTINS = {"flow (weight-free)": "flow", "ssim (baseline)": "ssim"}
+
+
+class LoadI2VModel(io.ComfyNode):
+    """Load a diffusers-format image-to-video model (CogVideoX 1.0/1.5 I2V, SVD) from models/diffusers."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialLoadI2VModel",
+            display_name="Load I2V Model",
+            category=CATEGORY,
+            description="Loads a diffusers image-to-video model folder (with model_index.json) from "
+                        "models/diffusers. Only .safetensors weights are read.",
+            inputs=[
+                io.Combo.Input("model_name", options=host.list_diffusers_models(),
+                               tooltip="A diffusers model folder inside models/diffusers (CogVideoX-5b-I2V, "
+                                       "CogVideoX1.5-5B-I2V, stable-video-diffusion-img2vid-xt ...)."),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="Weight precision. auto: bf16 on a GPU, fp32 on the CPU."),
+                io.Combo.Input("device", options=DEVICES, default="auto",
+                               tooltip="auto: ComfyUI's model management loads the model onto the GPU for a run "
+                                       "and offloads it when other models need the memory. model_offload / "
+                                       "sequential_offload: diffusers moves components / layers to the GPU only "
+                                       "while they run (less VRAM, slower). cpu: run on the CPU."),
+                io.Boolean.Input("vae_tiling", default=True,
+                                 tooltip="Decode the video in tiles to avoid running out of memory at the end of "
+                                         "sampling. SVD's VAE has no tiling: it decodes in slices instead."),
+            ],
+            outputs=[t.I2VModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str, device: str, vae_tiling: bool) -> io.NodeOutput:
+        from families import detect_family
+        from pipelines import load_model
+
+        path = host.diffusers_model_path(model_name)
+        family = detect_family(path).family.name
+        compute = host.torch_device()
+        on_cpu = device == "cpu" or getattr(compute, "type", str(compute)) == "cpu"
+        if dtype == "auto":
+            dtype = "fp32" if on_cpu else "bf16"
+        if device in ("model_offload", "sequential_offload") and on_cpu:
+            raise ValueError(f"device={device!r} moves weights between the CPU and a GPU, but ComfyUI runs on the "
+                             "CPU here. Choose auto or cpu.")
+        offload = {"model_offload": "model", "sequential_offload": "sequential"}.get(device, "none")
+        managed = device == "auto" and not on_cpu
+        # Managed models are loaded where ComfyUI keeps idle weights; prepare() moves them for a run.
+        where = "cpu" if device == "cpu" or on_cpu else (host.offload_device() if managed else compute)
+        svd = family == "svd"
+        model = load_model(path, dtype=dtype, device=where, offload=offload,
+                           vae_tiling=vae_tiling and not svd, vae_slicing=vae_tiling and svd)
+        options = {"dtype": dtype, "device": device, "vae_tiling": vae_tiling}
+        return io.NodeOutput(host.ManagedI2VModel.wrap(model, managed, options))
+
+
+class LoadMotionEstimator(io.ComfyNode):
+    """Pick the motion estimator used by Estimate Motion: weight-free optical flow, the SSIM
+    baseline, or a trained estimator file from models/motion_estimators."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialLoadMotionEstimator",
+            display_name="Load Motion Estimator",
+            category=CATEGORY,
+            description="Chooses how object and camera motion (1..10) are measured from a clip.",
+            inputs=[
+                io.Combo.Input("estimator", options=list(ESTIMATOR_BUILTINS) + host.list_model_files("motion_estimators"),
+                               default="flow (weight-free)",
+                               tooltip="flow: optical flow with a robust camera-motion fit, no weights needed "
+                                       "(default). ssim: a frame-difference baseline (one number for both). "
+                                       "Other entries: trained estimator files (.safetensors) in "
+                                       "models/motion_estimators."),
+            ],
+            outputs=[t.MotionEstimator.Output(display_name="estimator")],
+        )
+
+    @classmethod
+    def execute(cls, estimator: str) -> io.NodeOutput:
+        if estimator in ESTIMATOR_BUILTINS:
+            return io.NodeOutput(ESTIMATOR_BUILTINS[estimator])
+        path = host.model_file_path("motion_estimators", estimator)
+        from motion.estimate import resolve_estimator  # loads (and checks) a learned estimator file
+
+        return io.NodeOutput(resolve_estimator(path))
+
+
+class LoadMotionEmbedder(io.ComfyNode):
+    """Load a trained motion-score embedder (MotionStone-style) made for the connected model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialLoadMotionEmbedder",
+            display_name="Load Motion Embedder",
+            category=CATEGORY,
+            description="Loads a score embedder (.safetensors from models/motion_embedders) that lets the object "
+                        "and camera intensities steer the model. The file records the base model it was trained "
+                        "for; another base is refused.",
+            inputs=[
+                t.I2VModel.Input("model", tooltip="The I2V model the embedder will run on; its "
+                                                                 "weights must be the embedder's base."),
+                io.Combo.Input("embedder_name", options=host.list_model_files("motion_embedders"),
+                               tooltip="A motion embedder file in models/motion_embedders, trained for this model."),
+            ],
+            outputs=[t.MotionEmbedder.Output(display_name="embedder")],
+        )
+
+    @classmethod
+    def execute(cls, model, embedder_name: str) -> io.NodeOutput:
+        from motion.embedding import load_motion_embedder
+
+        path = host.model_file_path("motion_embedders", embedder_name)
+        return io.NodeOutput(load_motion_embedder(path, model.model))
+
+
+NODES = [LoadI2VModel, LoadMotionEstimator, LoadMotionEmbedder]

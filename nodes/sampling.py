@@ -1,0 +1,116 @@
+"""I2V Sampler: image (+ prompt, motion scores, ED schedule) -> video frames."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import host
+from . import types as t
+
+CATEGORY = "MotionDial/sampling"
+
+
+class I2VSampler(io.ComfyNode):
+    """Generate a video from an image with a MotionDial I2V model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialI2VSampler",
+            display_name="I2V Sampler",
+            category=CATEGORY,
+            description="Image-to-video sampling. Motion is set by the object/camera intensities (with a motion "
+                        "embedder) and by the ED schedule of task vectors. Outputs frames (IMAGE) and fps for "
+                        "Create Video / Save Video.",
+            inputs=[
+                t.I2VModel.Input("model", tooltip="From Load I2V Model."),
+                io.Image.Input("image", tooltip="The first frame. Only the first image of a batch is used. A "
+                                                "resolution-locked model (CogVideoX 1.0: 720x480) needs that size "
+                                                "unless width/height are set."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What happens in the video. SVD ignores text."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="What to avoid (classifier-free guidance's negative text). SVD ignores it."),
+                io.Int.Input("frames", default=49, min=1, max=1024, step=1,
+                             tooltip="Number of frames to generate (CogVideoX: 4k+1, e.g. 49; SVD-XT: 25)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, step=1,
+                             tooltip="Denoising steps. More is slower and usually cleaner."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (CogVideoX ~6, SVD ~3). 1 = no guidance "
+                                       "(faster)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Random seed of the initial noise: same seed + same inputs = same video."),
+                io.Float.Input("object_intensity", default=5.0, min=1.0, max=10.0, step=0.1, round=0.01,
+                               tooltip="Object motion, 1 (still) .. 10 (fast). Needs a motion embedder; ignored "
+                                       "when a scores input is connected."),
+                io.Float.Input("camera_intensity", default=5.0, min=1.0, max=10.0, step=0.1, round=0.01,
+                               tooltip="Camera motion, 1 (fixed camera) .. 10 (fast pan/zoom). Needs a motion "
+                                       "embedder; ignored when a scores input is connected."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8,
+                             tooltip="Output width in pixels; 0 = the model's native size if it has a fixed one, "
+                                     "else the image's."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8,
+                             tooltip="Output height in pixels; 0 = the model's native size if it has a fixed one, "
+                                     "else the image's."),
+                io.Float.Input("fps", default=0.0, min=0.0, max=120.0, step=1.0,
+                               tooltip="Frame rate of the result (also conditions SVD); 0 = the model family's "
+                                       "default (CogVideoX 8, SVD 7)."),
+                t.MotionScores.Input("scores", optional=True,
+                                     tooltip="Object/camera scores from Motion Scores or Estimate Motion; override "
+                                             "the two intensity widgets."),
+                t.MotionEmbedder.Input("embedder", optional=True,
+                                       tooltip="From Load Motion Embedder: makes the intensities steer the model. "
+                                               "Without it the intensities have no effect."),
+                t.TaskVectors.Input("task_vectors", optional=True,
+                                    tooltip="ED dynamics/control task vectors (Build or Load ED Task Vectors)."),
+                t.Schedule.Input("schedule", optional=True,
+                                 tooltip="When each task vector applies (Motion Schedule). Default with task "
+                                         "vectors: the ED reference hard switch at noise level 0.5."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="The video's frames, [frames, height, width, 3]."),
+                io.Float.Output(display_name="fps", tooltip="Frame rate, for Create Video."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image, prompt: str, negative_prompt: str, frames: int, steps: int, cfg: float,
+                seed: int, object_intensity: float, camera_intensity: float, width: int, height: int, fps: float,
+                scores=None, embedder=None, task_vectors=None, schedule=None) -> io.NodeOutput:
+        import torch
+        from pipelines import sample
+
+        weight_schedule = None
+        if schedule is not None and task_vectors is None:
+            raise ValueError("I2V Sampler: a schedule is connected but no task vectors; connect Build ED Task "
+                             "Vectors or Load ED Task Vectors to task_vectors.")
+        if task_vectors is not None:
+            from merging.patcher import ScheduledWeights
+            from merging.schedule import reference_ed_schedule
+
+            sched = schedule if schedule is not None else reference_ed_schedule()
+            missing = [n for n in sched.names if n not in task_vectors.deltas]
+            if missing:
+                raise ValueError(f"I2V Sampler: the schedule uses task vector(s) {missing}, but the connected task "
+                                 f"vectors hold {sorted(task_vectors.deltas)}.")
+            task_vectors.check_base(model.model)
+            weight_schedule = ScheduledWeights(task_vectors.deltas, sched)
+        if scores is not None:
+            object_intensity, camera_intensity = scores.object, scores.camera
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"I2V Sampler: image must be an IMAGE [batch, height, width, 3], got {list(image.shape)}")
+
+        model.prepare()
+        video = sample(
+            model.model, image[0], prompt,
+            negative_prompt=negative_prompt, frames=frames, steps=steps, cfg=cfg, seed=seed,
+            height=height or None, width=width or None, fps=fps or None,
+            object_intensity=object_intensity if embedder is not None else None,
+            camera_intensity=camera_intensity if embedder is not None else None,
+            weight_schedule=weight_schedule, motion_embedder=embedder,
+            progress=host.progress_callback(steps),
+        )
+        out = torch.as_tensor(video.frames).to(device="cpu", dtype=torch.float32)
+        return io.NodeOutput(out, float(video.fps))
+
+
+NODES = [I2VSampler]
