@@ -25,9 +25,10 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .engine import short_dtype
 from .errors import CheckpointError, OutputError
 from .fingerprint import check_fingerprint
-from .safetensors_io import SafetensorsWriter, dtype_name
+from .safetensors_io import SafetensorsWriter
 
 __all__ = ["DELTA_FORMAT", "DELTA_VERSION", "Delta", "delta_metadata", "save_delta", "load_delta", "load_deltas", "read_delta_metadata"]
 
@@ -64,7 +65,7 @@ def delta_metadata(
         "params": json.dumps(dict(params), sort_keys=True),
         "seed": "" if seed is None else str(int(seed)),
         "scope": json.dumps({"scope": scope, "n_keys": int(n_keys)}),
-        "dtype": dtype_name(dtype).lower(),
+        "dtype": short_dtype(dtype),
         "arithmetic": "fp32",
         "family": family or "",
         "base_fingerprint": json.dumps(dict(base_fingerprint), separators=(",", ":")),

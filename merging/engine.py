@@ -43,6 +43,7 @@ __all__ = [
     "plan",
     "run",
     "parse_dtype",
+    "short_dtype",
 ]
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB per fp32 chunk; a multiple of ops.MASK_BLOCK
@@ -53,6 +54,11 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+
+
+def short_dtype(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (the names the CLI and the metadata use)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype_name(dtype).lower())
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -25,10 +25,9 @@ from families import Family, get_family
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
 from .deltas import DELTA_FORMAT, compact_fingerprint, delta_metadata, load_delta
-from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run
+from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run, short_dtype
 from .errors import CheckpointError, MergeError
 from .fingerprint import fingerprint_checkpoint
-from .safetensors_io import dtype_name
 from .schedule import reference_ed_schedule
 
 __all__ = [
@@ -352,7 +351,7 @@ def build_ed(
     }
     recipe_json = {
         "format": "motiondial.build", "version": 1, "recipe": "ed", "params": params, "seed": seed, "scope": scope,
-        "n_keys_in_scope": len(prep.scope_keys), "dtype": dtype_name(prep.dtype).lower(), "family": fam,
+        "n_keys_in_scope": len(prep.scope_keys), "dtype": short_dtype(prep.dtype), "family": fam,
         "base": os.path.abspath(prep.base.path), "finetuned": os.path.abspath(prep.others["finetuned"].path),
         "base_fingerprint": compact_fingerprint(base_fp), "finetuned_fingerprint": compact_fingerprint(ft_fp),
     }
@@ -397,7 +396,7 @@ def build_task_vector(
     meta = {name: delta_metadata(name=name, recipe="task_vector", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys),
                                  dtype=prep.dtype, family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)}
     recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "task_vector", "params": params, "seed": seed,
-                   "scope": scope, "dtype": dtype_name(prep.dtype).lower(), "family": fam}
+                   "scope": scope, "dtype": short_dtype(prep.dtype), "family": fam}
     return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
                     overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
 
@@ -434,7 +433,7 @@ def build_ties(
     meta = {name: delta_metadata(name=name, recipe="ties", params=params, seed=None, scope=scope, n_keys=len(prep.scope_keys),
                                  dtype=prep.dtype, family=fam, base_fingerprint=base_fp)}
     recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "ties", "params": params, "scope": scope,
-                   "dtype": dtype_name(prep.dtype).lower(), "family": fam}
+                   "dtype": short_dtype(prep.dtype), "family": fam}
     return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
                     overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
 
@@ -468,6 +467,6 @@ def merge_deltas(
     prep.scope_keys = scope_keys
     recipe = ApplyRecipe(weights, name="merged")
     recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "apply",
-                   "deltas": {os.path.abspath(p): float(w) for p, w in deltas.items()}, "dtype": dtype_name(prep.dtype).lower()}
+                   "deltas": {os.path.abspath(p): float(w) for p, w in deltas.items()}, "dtype": short_dtype(prep.dtype)}
     return _execute(prep, {"base": b, **named}, recipe, {}, ["merged"], out_dir, dry_run=False, overwrite=overwrite,
                     max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)

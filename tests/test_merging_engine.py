@@ -101,7 +101,7 @@ def test_ed_matches_formula_exactly(tmp_path, monkeypatch, layout):
             assert fh.metadata()["format"] == "motiondial.delta"
     meta = read_delta_metadata(tmp_path / "out" / "dynamics.safetensors.index.json")
     assert meta["params"] == {"a_dyn": 0.25, "b_dyn": 0.75, "a_con": 1.0, "b_con": 0.25, "p": 0.7}
-    assert meta["seed"] == 0 and meta["scope"]["scope"] == "all" and meta["dtype"] == "f32" and meta["recipe"] == "ed"
+    assert meta["seed"] == 0 and meta["scope"]["scope"] == "all" and meta["dtype"] == "fp32" and meta["recipe"] == "ed"
     assert meta["base_fingerprint"] == fingerprint_checkpoint(b)
     assert json.load(open(tmp_path / "out" / "schedule.json"))["type"] == "hard_switch"
     # no temporary leftovers next to the output
