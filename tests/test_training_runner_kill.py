@@ -1,0 +1,97 @@
+"""The runner under real signals, in a child process: SIGKILL mid-run, then resume; Ctrl-C (SIGINT)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import os, sys, time, torch
+from torch import nn
+from training.runner import RunnerConfig, TrainTask, run
+from training.checkpoint import atomic_save_safetensors
+torch.set_num_threads(1)
+out, delay = sys.argv[1], float(sys.argv[2])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 1))
+
+def batch_fn(ctx):
+    time.sleep(delay)  # slow enough for the parent to hit it mid-run
+    x = torch.from_numpy(ctx.rng.standard_normal((8, 4))).float()
+    return x, x.sum(1, keepdim=True)
+
+def save_fn(m, d):
+    p = os.path.join(d, "final.safetensors"); atomic_save_safetensors(p, m.state_dict()); return {"model": p}
+
+task = TrainTask(name="kill", model=model, batch_fn=batch_fn, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
+                 save_fn=save_fn)
+r = run(task, RunnerConfig(out_dir=out, steps=24, lr=0.01, checkpoint_every=3, progress=False, seed=5))
+print("STATUS", r.status, r.step, flush=True)
+sys.exit(130 if r.status == "interrupted" else 0)
+'''
+
+
+def _start(tmp_path, out, delay):
+    script = tmp_path / "train_kill.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), str(out), str(delay)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(out, n, proc, timeout=60):
+    t0 = time.time()
+    ck = out / "checkpoints"
+    while time.time() - t0 < timeout:
+        if ck.is_dir() and any(name.startswith("step_") and int(name[5:]) >= n for name in os.listdir(ck)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
+    ref = _start(tmp_path, tmp_path / "ref", 0.0)
+    killed_out = tmp_path / "killed"
+    p = _start(tmp_path, killed_out, 0.05)
+    _wait_for_checkpoint(killed_out, 6, p)
+    time.sleep(0.07)  # somewhere inside a step (or a checkpoint write)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed_out / "report.json").exists()
+    resumed = _start(tmp_path, killed_out, 0.0)
+    out_r, _ = resumed.communicate(timeout=120)
+    out_ref, _ = ref.communicate(timeout=120)
+    assert resumed.returncode == 0, out_r
+    assert ref.returncode == 0, out_ref
+    assert "resuming from" in out_r
+    a = load_file(str(tmp_path / "ref" / "final.safetensors"))
+    b = load_file(str(killed_out / "final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rep = json.load(open(killed_out / "report.json"))
+    assert rep["status"] == "completed" and rep["steps_done"] == 24 and rep["sessions"][0]["started_at_step"] >= 6
+
+    # Ctrl-C: the child finishes its step, saves, reports "interrupted" and exits 130.
+    out_i = tmp_path / "sigint"
+    p = _start(tmp_path, out_i, 0.05)
+    _wait_for_checkpoint(out_i, 3, p)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, text
+    rep = json.load(open(out_i / "report.json"))
+    assert rep["status"] == "interrupted"
+    step = rep["steps_done"]
+    assert os.path.isdir(out_i / "checkpoints" / f"step_{step:08d}")
