@@ -35,8 +35,10 @@ MAX_STEPS = 500
 CFG_RANGE = (1.0, 30.0)
 SCORE_RANGE = (1.0, 10.0)
 MAX_SIDE = 4096
-# CogVideoX: frames = 4k+1 (the VAE compresses time 4x, keeping the first frame).
-COGVIDEOX_FRAMES = (5, 161)
+# CogVideoX: frames = 8j+1 (9, 17, ..., 49, ..., 81, ..., 161). The VAE compresses time 4x
+# keeping the first frame (4k+1 frames -> k+1 latents), and its decoder returns 4k+1 frames only
+# for an odd number of latents (an even count decodes to 4(k+1) frames: measured on diffusers 0.42).
+COGVIDEOX_FRAMES = (9, 161)
 SVD_FRAMES = (2, 128)
 # A resolution-locked model takes an image whose aspect ratio is within this factor of its own:
 # it is scaled and centre-cropped (at most ~20% of one side is lost). Beyond that we refuse
@@ -210,14 +212,15 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
 
 
 def check_frames(model: I2VModel, frames: Any) -> int:
-    """Validate a frame count for the model's family (CogVideoX: 4k+1 in 5..161; SVD: 2..128)."""
+    """Validate a frame count for the model's family (CogVideoX: 8j+1 in 9..161; SVD: 2..128)."""
     if model.family.denoiser == "transformer":
         lo, hi = COGVIDEOX_FRAMES
         n = _check_int("frames", frames, lo, hi)
-        k = int(model.pipeline.vae_scale_factor_temporal)
+        k = 2 * int(model.pipeline.vae_scale_factor_temporal)
         if (n - 1) % k:
-            raise ValueError(f"frames={n}: {model.family.name} needs {k}k+1 frames (e.g. {n - (n - 1) % k} or "
-                             f"{n - (n - 1) % k + k}) because its VAE compresses time {k}x")
+            below = n - (n - 1) % k
+            raise ValueError(f"frames={n}: {model.family.name} takes {k}j+1 frames (e.g. {max(below, lo)} or {below + k}): "
+                             f"its VAE compresses time {k // 2}x and decodes an odd number of latent frames")
         return n
     lo, hi = SVD_FRAMES
     return _check_int("frames", frames, lo, hi)
@@ -272,7 +275,7 @@ def sample(
         image: path, PIL image, ``[H,W,3]`` array or tensor (see ``load_image``); scaled and
             centre-cropped to the output size (see ``resolve_size``).
         prompt / negative_prompt: text (CogVideoX); SVD has no text input and ignores them.
-        frames: CogVideoX 4k+1 in 5..161; SVD 2..128. steps: 1..500.
+        frames: CogVideoX 8j+1 in 9..161 (49 and 81 are the reference lengths); SVD 2..128. steps: 1..500.
         cfg: classifier-free guidance scale 1..30 (1 = off). For SVD it is the maximum of SVD's
             per-frame guidance ramp (which starts at 1.0).
         seed: same seed and inputs -> same frames.
