@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Sequence
 
-from .recipes import ED_DEFAULTS
+from .ed_params import ED_DEFAULTS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

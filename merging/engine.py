@@ -430,9 +430,10 @@ def run(
                         y = ys[s.name]
                         if not bool(torch.isfinite(y).all()):
                             raise _nonfinite_error(key, xs, infos, f"output {s.name}")
-                        out = y.to(s.dtype)
+                        dt = entries[s.name][key][0]
+                        out = y.to(dt)
                         if not bool(torch.isfinite(out).all()):
-                            raise _nonfinite_error(key, {}, infos, f"output {s.name} in {dtype_name(s.dtype)}")
+                            raise _nonfinite_error(key, {}, infos, f"output {s.name} in {dtype_name(dt)}")
                         writer_for(s.name, key).write(key, out.reshape(-1))
                     del xs, ys
                 else:

@@ -12,6 +12,7 @@ match of the exact digests or of the bf16 digests, so a delta built from an fp32
 accepted for the same model loaded in bf16 (rounded to nearest, as every loader does) — but
 the fine-tuned model, or any other weights of the same architecture, are refused. fp16 copies
 of an fp32 model are *not* guaranteed to match (double rounding); fingerprint the fp16 files.
+Storage dtypes are not part of the identity (a loader may cast an fp64 buffer to fp32).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _digests(values: list[float]) -> tuple[str, str]:
     return hashlib.sha256(exact).hexdigest()[:12], hashlib.sha256(bf16).hexdigest()[:12]
 
 
-def _assemble(entries: dict[str, tuple[list[int], str, str]], dtypes: dict[str, int]) -> dict[str, Any]:
+def _assemble(entries: dict[str, tuple[list[int], str, str]]) -> dict[str, Any]:
     keys = sorted(entries)
     structure = hashlib.sha256(
         "\n".join(f"{k}:{','.join(map(str, entries[k][0]))}" for k in keys).encode("utf-8")
@@ -71,7 +72,6 @@ def _assemble(entries: dict[str, tuple[list[int], str, str]], dtypes: dict[str, 
         "structure": structure,
         "values": values,
         "values_bf16": values_bf16,
-        "dtypes": dict(sorted(dtypes.items())),
         # key -> [shape, exact digest, bf16 digest]: lets a mismatch name the first keys that differ.
         "tensors": {k: [entries[k][0], entries[k][1], entries[k][2]] for k in keys},
     }
@@ -82,10 +82,7 @@ def fingerprint_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
     Cheap: reads 8 elements per tensor. Tensors may live on any device and in any dtype.
     """
-    from .safetensors_io import dtype_name
-
     entries: dict[str, tuple[list[int], str, str]] = {}
-    dtypes: dict[str, int] = {}
     for key, t in state.items():
         t = t.detach()
         if t.device.type == "meta":
@@ -94,9 +91,7 @@ def fingerprint_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         flat = t.reshape(-1)  # a view for contiguous parameters
         values = flat[torch.tensor(idx, dtype=torch.long, device=t.device)].float().tolist() if idx else []
         entries[key] = (list(t.shape), *_digests(values))
-        name = dtype_name(t.dtype)
-        dtypes[name] = dtypes.get(name, 0) + 1
-    return _assemble(entries, dtypes)
+    return _assemble(entries)
 
 
 def fingerprint_checkpoint(path: Any) -> dict[str, Any]:
@@ -106,11 +101,9 @@ def fingerprint_checkpoint(path: Any) -> dict[str, Any]:
     weights once loaded.
     """
     from .checkpoint import open_checkpoint
-    from .safetensors_io import dtype_name
 
     ckpt = path if hasattr(path, "tensors") and hasattr(path, "files") else open_checkpoint(path)
     entries: dict[str, tuple[list[int], str, str]] = {}
-    dtypes: dict[str, int] = {}
     by_file: dict[str, list[str]] = {}
     for key, info in ckpt.tensors.items():
         by_file.setdefault(info.file, []).append(key)
@@ -122,9 +115,7 @@ def fingerprint_checkpoint(path: Any) -> dict[str, Any]:
                 info = ckpt.tensors[key]
                 values = read_elements(f, info, sample_indices(key, info.numel))
                 entries[key] = (list(info.shape), *_digests(values))
-                name = dtype_name(info.dtype)
-                dtypes[name] = dtypes.get(name, 0) + 1
-    return _assemble(entries, dtypes)
+    return _assemble(entries)
 
 
 def describe_fingerprint(fp: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ from families import Family, get_family
 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
+from .ed_params import ED_DEFAULTS
 from .deltas import DELTA_FORMAT, compact_fingerprint, delta_metadata, load_delta
 from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run, short_dtype
 from .errors import CheckpointError, MergeError
@@ -44,7 +45,6 @@ __all__ = [
     "prepare",
 ]
 
-ED_DEFAULTS: dict[str, float] = {"a_dyn": 0.25, "b_dyn": 0.75, "a_con": 1.0, "b_con": 0.25, "p": 0.7}
 
 
 # --------------------------------------------------------------------------------------------
