@@ -77,9 +77,32 @@ def check_frames(family: str, frames: int, temporal_compression: int = 4) -> Non
 class DiffusionObjective:
     """Base class: ``encode(batch, generator)`` (frozen encoders) and ``loss(encoded, embedder, generator)``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, cache_encodings: bool = False) -> None:
         self.model = model
         self.device = model.device
+        # Frozen-encoder outputs per clip index (VAE posterior mean/std, CLIP embedding): the
+        # random parts (posterior sample, noise augmentation) are still drawn every step, so
+        # caching changes speed, not the loss. Worth it when the data set fits in memory.
+        self.cache: Optional[dict[int, dict[str, torch.Tensor]]] = {} if cache_encodings else None
+
+    def _cached(self, batch: dict, compute) -> list[dict[str, torch.Tensor]]:
+        """Per-item frozen encodings, from the cache where present; ``compute(rows)`` encodes
+        the rows of ``batch`` (a list of positions) and returns one dict per row."""
+        idx = [int(i) for i in batch["index"]] if "index" in batch else None
+        if self.cache is None or idx is None:
+            return compute(list(range(len(batch["caption"]))))
+        todo = [r for r, i in enumerate(idx) if i not in self.cache]
+        if todo:
+            for r, item in zip(todo, compute(todo)):
+                self.cache[idx[r]] = {k: v.detach().to("cpu") for k, v in item.items()}
+        return [{k: v.to(self.device) for k, v in self.cache[i].items()} for i in idx]
+
+    def _posterior(self, dist) -> tuple[torch.Tensor, torch.Tensor]:
+        return dist.mean.float(), dist.std.float()
+
+    def _sample(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # Same as DiagonalGaussianDistribution.sample: mean + std * N(0, 1).
+        return mean + std * self._randn(mean.shape, generator)
 
     def encode(self, batch: dict, generator: torch.Generator) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -100,8 +123,8 @@ class DiffusionObjective:
 class CogVideoXObjective(DiffusionObjective):
     """v-prediction loss of CogVideoX-I2V 1.0 / 1.5 (see module docs)."""
 
-    def __init__(self, model: Any) -> None:
-        super().__init__(model)
+    def __init__(self, model: Any, *, cache_encodings: bool = False) -> None:
+        super().__init__(model, cache_encodings=cache_encodings)
         self.pipe = model.pipeline
         self.cfg = model.denoiser.config
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -127,9 +150,17 @@ class CogVideoXObjective(DiffusionObjective):
         b, t, _, h, w = video.shape
         sf = float(vae.config.scaling_factor)
         x = video.permute(0, 2, 1, 3, 4)  # [B, 3, T, H, W]
-        latents = vae.encode(x).latent_dist.sample(generator=generator) * sf
-        latents = latents.permute(0, 2, 1, 3, 4).float()  # [B, F, C, h, w]
-        img = vae.encode(x[:, :, :1]).latent_dist.sample(generator=generator).permute(0, 2, 1, 3, 4).float()
+
+        def compute(rows: list[int]) -> list[dict[str, torch.Tensor]]:
+            vm, vs = self._posterior(vae.encode(x[rows]).latent_dist)
+            im, is_ = self._posterior(vae.encode(x[rows][:, :, :1]).latent_dist)
+            return [{"vm": vm[j], "vs": vs[j], "im": im[j], "is": is_[j]} for j in range(len(rows))]
+
+        items = self._cached(batch, compute)
+        stack = lambda k: torch.stack([it[k] for it in items])  # noqa: E731
+        latents = self._sample(stack("vm"), stack("vs"), generator) * sf
+        latents = latents.permute(0, 2, 1, 3, 4)  # [B, F, C, h, w]
+        img = self._sample(stack("im"), stack("is"), generator).permute(0, 2, 1, 3, 4)
         # As CogVideoXImageToVideoPipeline.prepare_latents: 1.5 checkpoints invert the scale.
         img = img / sf if vae.config.get("invert_scale_latents", False) else img * sf
         nf = latents.shape[1]
@@ -180,8 +211,8 @@ class SVDObjective(DiffusionObjective):
     """EDM loss of Stable Video Diffusion (see module docs)."""
 
     def __init__(self, model: Any, *, fps: int = 7, motion_bucket_id: int = SVD_MOTION_BUCKET_ID,
-                 noise_aug_strength: float = SVD_NOISE_AUG_STRENGTH) -> None:
-        super().__init__(model)
+                 noise_aug_strength: float = SVD_NOISE_AUG_STRENGTH, cache_encodings: bool = False) -> None:
+        super().__init__(model, cache_encodings=cache_encodings)
         self.pipe = model.pipeline
         self.fps = int(fps)
         self.motion_bucket_id = int(motion_bucket_id)
@@ -200,13 +231,21 @@ class SVDObjective(DiffusionObjective):
         vae = self.model.vae
         video = batch["video"].to(self.device, vae.dtype)  # [B, T, 3, H, W] in -1..1
         b, t = video.shape[:2]
-        lat = vae.encode(video.flatten(0, 1)).latent_dist.sample(generator=generator) * float(vae.config.scaling_factor)
-        latents = lat.reshape(b, t, *lat.shape[1:]).float()
         first = video[:, 0].float()
-        # CLIP input exactly as the pipeline prepares a PIL image: antialiased resize in -1..1.
         size = int(self.model.image_encoder.config.image_size)
-        clip_in = (_resize_with_antialiasing(first, (size, size)) + 1.0) / 2.0
-        image_embeddings = self.pipe._encode_image(clip_in, self.device, 1, False)
+
+        def compute(rows: list[int]) -> list[dict[str, torch.Tensor]]:
+            vm, vs = self._posterior(vae.encode(video[rows].flatten(0, 1)).latent_dist)
+            vm, vs = vm.reshape(len(rows), t, *vm.shape[1:]), vs.reshape(len(rows), t, *vs.shape[1:])
+            # CLIP input exactly as the pipeline prepares a PIL image: antialiased resize in -1..1.
+            clip_in = (_resize_with_antialiasing(first[rows], (size, size)) + 1.0) / 2.0
+            emb = self.pipe._encode_image(clip_in, self.device, 1, False)
+            return [{"vm": vm[j], "vs": vs[j], "clip": emb[j]} for j in range(len(rows))]
+
+        items = self._cached(batch, compute)
+        stack = lambda k: torch.stack([it[k] for it in items])  # noqa: E731
+        latents = self._sample(stack("vm"), stack("vs"), generator) * float(vae.config.scaling_factor)
+        image_embeddings = stack("clip")
         cond = first + self.noise_aug_strength * self._randn(first.shape, generator)
         image_latents = self.pipe._encode_vae_image(cond, self.device, 1, False).float()
         image_latents = image_latents.unsqueeze(1).repeat(1, t, 1, 1, 1)
@@ -248,10 +287,10 @@ class SVDObjective(DiffusionObjective):
 
 
 def objective_for(model: Any, **kwargs: Any) -> DiffusionObjective:
-    """The loss of a loaded ``pipelines.I2VModel``'s family."""
+    """The loss of a loaded ``pipelines.I2VModel``'s family (``kwargs`` go to its objective)."""
     name = model.family.name
     if name.startswith("cogvideox"):
-        return CogVideoXObjective(model)
+        return CogVideoXObjective(model, **kwargs)
     if name == "svd":
         return SVDObjective(model, **kwargs)
     raise ValueError(f"no training objective for family {name!r}")

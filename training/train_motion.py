@@ -194,23 +194,27 @@ def build_task(cfg: MotionTrainConfig, *, accelerator: Any = None, log=print) ->
     dataset = MotionClipDataset(records, scores, frames=frames, height=height, width=width, preload=preload)
 
     base_fp = model.fingerprint()
-    embedder = MotionScoreEmbedding(model.time_embed_dim, num_freqs=cfg.num_freqs, hidden=cfg.hidden,
-                                    decoupled=cfg.decoupled, family=family, base_fingerprint=base_fp).to(model.device)
     denoiser = model.denoiser
     denoiser.requires_grad_(cfg.trainable == "full")
     for comp in (model.vae, model.text_encoder, model.image_encoder):
         if comp is not None:
             comp.requires_grad_(False).eval()
     lora = None
-    if cfg.trainable == "lora":
-        from training.adapter_lora import LowRankSet
+    # New parameters are initialised from the seed (not the global RNG): two runs with the same
+    # seed start from the same weights, which the resume guarantee builds on.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        embedder = MotionScoreEmbedding(model.time_embed_dim, num_freqs=cfg.num_freqs, hidden=cfg.hidden,
+                                        decoupled=cfg.decoupled, family=family, base_fingerprint=base_fp).to(model.device)
+        if cfg.trainable == "lora":
+            from training.adapter_lora import LowRankSet
 
-        lora = LowRankSet(denoiser, lora_targets(model), rank=cfg.lora_rank, alpha=cfg.lora_alpha).attach()
+            lora = LowRankSet(denoiser, lora_targets(model), rank=cfg.lora_rank, alpha=cfg.lora_alpha).attach()
     if cfg.gradient_checkpointing:
         if not getattr(denoiser, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{cfg.model}: the {type(denoiser).__name__} does not support gradient checkpointing")
         denoiser.enable_gradient_checkpointing()
-    objective = objective_for(model)
+    objective = objective_for(model, cache_encodings=preload)
     module = MotionTrainModule(objective, denoiser, embedder, lora)
 
     prefixes = {"embedder": ("embedder.",), "lora": ("embedder.", "lora."), "full": ("embedder.", "denoiser.")}[cfg.trainable]
