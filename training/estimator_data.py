@@ -14,7 +14,7 @@ it did and the next run only scores the rest. Each line carries its key: a hash 
 absolute path, modification time, size and the labeller's version (estimator settings,
 calibration and the source of ``motion/flow.py`` and ``motion/ssim.py``); a changed clip or
 labeller makes old lines stale (ignored). A torn last line (killed mid-write) is ignored. When
-labelling finishes, the file is rewritten atomically with only the live entries.
+labelling finishes, a file with torn or superseded lines is rewritten (atomically) without them.
 """
 from __future__ import annotations
 
@@ -172,19 +172,22 @@ def score_clip(path: str) -> dict:
     }
 
 
-def _read_cache(path: str) -> dict[str, dict]:
+def _read_cache(path: str) -> tuple[dict[str, dict], int]:
+    """Entries by key (a later line wins) and the number of lines read."""
     entries: dict[str, dict] = {}
+    lines = 0
     if not os.path.isfile(path):
-        return entries
+        return entries, lines
     with open(path, encoding="utf-8") as f:
         for raw in f:
+            lines += 1
             try:
                 e = json.loads(raw)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill; that clip is simply scored again
             if isinstance(e, dict) and e.get("format") == CACHE_FORMAT and "key" in e:
                 entries[e["key"]] = e
-    return entries
+    return entries, lines
 
 
 def pseudo_labels(
@@ -198,12 +201,13 @@ def pseudo_labels(
     """Pseudo-labels for ``clips`` (absolute paths) → ``{path: {"object", "camera", "ssim", ...}}``.
 
     Reuses entries of ``cache_path`` whose key matches; scores the rest, appending each to the
-    cache at once; finally rewrites the cache atomically with the entries of ``clips`` only.
+    cache at once; finally rewrites the cache atomically without torn or duplicate lines (entries
+    of other clips are kept, so one cache can serve several data sets).
     """
     from tqdm.auto import tqdm
 
     version = version or labeller_version()
-    cached = _read_cache(cache_path)
+    cached, lines = _read_cache(cache_path)
     keys = {c: clip_key(c, version) for c in clips}
     todo = [c for c in clips if keys[c] not in cached]
     if todo:
@@ -219,9 +223,8 @@ def pseudo_labels(
                 f.flush()
                 os.fsync(f.fileno())
                 cached[keys[c]] = entry
-    live = [cached[keys[c]] for c in clips]
-    if todo or len(cached) != len(set(keys.values())):
-        _rewrite(cache_path, live)
+    if lines + len(todo) != len(cached):  # torn or superseded lines: compact
+        _rewrite(cache_path, list(cached.values()))
     return {c: cached[keys[c]] for c in clips}
 
 

@@ -43,6 +43,7 @@ from training.estimator_data import (
 )
 
 LAMBDA_REG_DEFAULT = 0.1  # chosen by the sweep in docs/training.md
+MARGIN_DEFAULT = 0.0  # MotionStone uses no margin
 
 
 @dataclass
@@ -78,19 +79,36 @@ def prepare_data(
     cache: str | None = None,
     progress: bool = True,
     scorer=None,
+    val_clips_dir: str | None = None,
+    val_pairs_csv: str | None = None,
 ) -> EstimatorData:
-    """Read pairs, compute/cached pseudo-labels, split by clip, load clips as uint8 tensors."""
+    """Read pairs, compute/cached pseudo-labels, split by clip, load clips as uint8 tensors.
+
+    With ``val_pairs_csv`` (clips in ``val_clips_dir``, default ``clips_dir``) the held-out set is
+    that file and every pair of ``pairs_csv`` trains; otherwise ``val_fraction`` of the clips of
+    ``pairs_csv`` are held out (pairs that straddle the split are dropped).
+    """
     from tqdm.auto import tqdm
 
-    if not os.path.isdir(clips_dir):
-        raise EstimatorDataError(f"clips folder {clips_dir!r} does not exist")
+    for d in (clips_dir, val_clips_dir):
+        if d is not None and not os.path.isdir(d):
+            raise EstimatorDataError(f"clips folder {d!r} does not exist")
     pairs = read_pairs_csv(pairs_csv, clips_dir)
-    clips = sorted({p.clip_a for p in pairs} | {p.clip_b for p in pairs})
+    if val_pairs_csv:
+        val_pairs = read_pairs_csv(val_pairs_csv, val_clips_dir or clips_dir)
+        train_pairs, dropped = pairs, 0
+        val = {p.clip_a for p in val_pairs} | {p.clip_b for p in val_pairs}
+        overlap = val & ({p.clip_a for p in pairs} | {p.clip_b for p in pairs})
+        if overlap:
+            raise EstimatorDataError(f"{val_pairs_csv}: {len(overlap)} held-out clips also appear in {pairs_csv} "
+                                     f"(e.g. {sorted(overlap)[0]}); held-out clips must be unseen")
+    clips = sorted({p.clip_a for p in pairs} | {p.clip_b for p in pairs} | (val if val_pairs_csv else set()))
     cache = cache or os.path.join(clips_dir, "pseudo_labels.jsonl")
     kw = {"scorer": scorer} if scorer is not None else {}
     labels = pseudo_labels(clips, cache, progress=progress, **kw)
-    _, val = split_clips(clips, val_fraction, seed)
-    train_pairs, val_pairs, dropped = split_pairs(pairs, val)
+    if not val_pairs_csv:
+        _, val = split_clips(clips, val_fraction, seed)
+        train_pairs, val_pairs, dropped = split_pairs(pairs, val)
     if not train_pairs:
         raise EstimatorDataError(f"{pairs_csv}: no training pairs left after holding out {val_fraction:.0%} of the "
                                  "clips; add pairs or lower --val-fraction")
@@ -204,3 +222,168 @@ def build_task(data: EstimatorData, model: nn.Module, *, batch: int, margin: flo
            "val_pairs": len(data.val_pairs), **(config or {})}
     return TrainTask(name="estimator", model=model, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                      save_fn=save_fn, config=cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model (motion.learned) and the CLI
+
+
+def _new_model(args, seed: int) -> tuple[nn.Module, dict]:
+    """A freshly initialised learned estimator and its JSON config (from ``motion.learned``)."""
+    from motion.learned import LearnedEstimatorConfig, build_estimator_model
+
+    cfg = LearnedEstimatorConfig(**(json.loads(args.model_config) if args.model_config else {}))
+    torch.manual_seed(seed)
+    model = build_estimator_model(cfg)
+    return model, cfg
+
+
+def _save_model(model: nn.Module, cfg, out_dir: str, report: dict) -> dict[str, str]:
+    from motion.learned import save_estimator
+
+    path = os.path.join(out_dir, "estimator.safetensors")
+    save_estimator(model, cfg, path, metadata={"trained_by": "training.train_estimator", **report})
+    return {"estimator": path}
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train_estimator",
+                                description="Train the learned object/camera motion estimator.")
+    p.add_argument("--clips", required=True, help="folder of clips named in --pairs")
+    p.add_argument("--pairs", required=True, help="pairs CSV: clip_a,clip_b,object,camera (labels a|b|same)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, estimator.safetensors, report.json)")
+    p.add_argument("--val-pairs", default=None, help="held-out pairs CSV (default: hold out --val-fraction of the clips)")
+    p.add_argument("--val-clips", default=None, help="folder of the --val-pairs clips (default --clips)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--cache", default=None, help="pseudo-label cache (default CLIPS/pseudo_labels.jsonl)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8, help="pairs per step (2 x clips through the model)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="cosine")
+    p.add_argument("--lambda-reg", type=float, default=LAMBDA_REG_DEFAULT, help="weight of the pseudo-label MSE")
+    p.add_argument("--margin", type=float, default=MARGIN_DEFAULT, help="hinge margin (score units)")
+    p.add_argument("--same-weight", type=float, default=0.0, help="weight of the symmetric term for 'same' pairs")
+    p.add_argument("--no-augment", action="store_true", help="no flips / time reversal")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (checkpoint, final files, report) after this much training time")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --out (the default)")
+    g.add_argument("--fresh", action="store_true", help="delete old checkpoints in --out and start over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--model-config", default=None, help="JSON of motion.learned config fields to override")
+    p.add_argument("--sweep-lambda", default=None,
+                   help="comma list of lambda values: train each into OUT/lambda_<v>/ and write OUT/lambda_sweep.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def train(args: argparse.Namespace, out_dir: str, lambda_reg: float, data: EstimatorData | None = None,
+          log=print):
+    """One training run into ``out_dir``; returns ``(TrainResult, EstimatorData)``."""
+    from training.runner import RunnerConfig, run
+
+    model, mcfg = _new_model(args, args.seed)
+    frames, (height, width) = _model_input(mcfg)
+    if data is None:
+        data = prepare_data(args.clips, args.pairs, frames=frames, height=height, width=width,
+                            val_fraction=args.val_fraction, seed=args.seed, cache=args.cache,
+                            progress=not args.no_progress, val_clips_dir=args.val_clips, val_pairs_csv=args.val_pairs)
+        log(f"data: {len(data.clips)} clips, {len(data.train_pairs)} training pairs, {len(data.val_pairs)} held-out "
+            f"pairs ({data.dropped_pairs} straddling the split dropped); baselines on the held-out pairs: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in data.baselines.items() if k.endswith("_acc")))
+
+    def save_fn(m: nn.Module, out: str) -> dict[str, str]:
+        return _save_model(m, mcfg, out, {"lambda_reg": str(lambda_reg), "steps": str(args.steps)})
+
+    config = {"clips": os.path.abspath(args.clips), "pairs": os.path.abspath(args.pairs),
+              "val_pairs": os.path.abspath(args.val_pairs) if args.val_pairs else None,
+              "val_fraction": args.val_fraction, "model": _config_json(mcfg)}
+    task = build_task(data, model, batch=args.batch, margin=args.margin, lambda_reg=lambda_reg,
+                      same_weight=args.same_weight, augment=not args.no_augment, save_fn=save_fn, config=config)
+    rcfg = RunnerConfig(out_dir=out_dir, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                        warmup_steps=args.warmup, lr_schedule=args.schedule, grad_accum=args.grad_accum,
+                        mixed_precision=args.mixed_precision, seed=args.seed, eval_every=args.eval_every,
+                        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                        resume="fresh" if args.fresh else "auto")
+    callback = None
+    if args.max_minutes:
+        deadline = time.perf_counter() + 60.0 * args.max_minutes
+
+        def callback(step, total, logs):
+            if time.perf_counter() > deadline:
+                raise _TimeUp
+    try:
+        result = run(task, rcfg, callback=callback, log=log)
+    except _TimeUp:
+        # Time budget spent: finish like a completed run of the steps done so far.
+        done = _finish_early(task, rcfg, log)
+        result = done
+    if result.report_path:
+        rep = dict(result.report)
+        rep["baselines"] = data.baselines
+        rep["data"] = {"clips": len(data.clips), "train_pairs": len(data.train_pairs),
+                       "val_pairs": len(data.val_pairs), "dropped_pairs": data.dropped_pairs}
+        from training.checkpoint import atomic_write_json
+
+        atomic_write_json(result.report_path, rep)
+        result.report = rep
+    return result, data
+
+
+class _TimeUp(Exception):
+    """Raised by the time-budget callback (the runner saves a checkpoint first)."""
+
+
+def _finish_early(task, rcfg, log):
+    """After ``--max-minutes``: rerun the runner with ``steps`` = the steps done (a no-op resume
+    that evaluates, saves the final files and writes the report)."""
+    from training.runner import list_checkpoints, run
+
+    done = list_checkpoints(os.path.join(rcfg.out_dir, "checkpoints"))[-1][0]
+    log(f"time budget reached after {done} steps: finishing")
+    rcfg2 = type(rcfg)(**{**rcfg.__dict__, "steps": done, "resume": "auto"})
+    return run(task, rcfg2, log=log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.sweep_lambda:
+            values = [float(v) for v in args.sweep_lambda.split(",") if v.strip()]
+            rows, data = [], None
+            for lam in values:
+                res, data = train(args, os.path.join(args.out, f"lambda_{lam:g}"), lam, data)
+                if res.status != "completed":
+                    return 130
+                rows.append({"lambda_reg": lam, **(res.report.get("final_eval") or {}),
+                             "wall_time_s": res.report["wall_time_s"]})
+                print(json.dumps(rows[-1]))
+            from training.checkpoint import atomic_write_json
+
+            atomic_write_json(os.path.join(args.out, "lambda_sweep.json"),
+                              {"runs": rows, "baselines": data.baselines if data else {}})
+            return 0
+        res, _ = train(args, args.out, args.lambda_reg)
+    except EstimatorDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if res.status != "completed":
+        print(f"interrupted at step {res.step}; run the same command again to resume", file=sys.stderr)
+        return 130
+    fe = res.report.get("final_eval") or {}
+    print(json.dumps({"out": args.out, "steps": res.step, **fe, **res.report.get("baselines", {}),
+                      "files": res.report.get("files", {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
