@@ -28,11 +28,10 @@ host.register_model_folders()
 class MotionDialExtension(ComfyExtension):
     """What ``comfy_entrypoint`` hands ComfyUI."""
 
-    async def on_load(self) -> None:
-        # The shipped templates name these inputs; copy them into ComfyUI's input folder once.
-        examples.install_example_inputs()
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Called once when ComfyUI loads the pack (ComfyUI 0.3.64 does not call on_load): the
+        # shipped templates name these inputs, so copy them into ComfyUI's input folder.
+        examples.install_example_inputs()
         return list(NODES)
 
 

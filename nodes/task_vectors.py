@@ -81,14 +81,20 @@ def load_set(folder: str, model: Any = None) -> TaskVectors:
     return tv
 
 
-def _same_build(folder: str, want: dict) -> bool:
-    """Whether ``folder`` already holds the build ``want`` describes (same inputs and parameters)."""
+def _same_build(folder: str, params: dict, base_fp: dict, ft_fp: dict) -> bool:
+    """Whether ``folder`` already holds this build: same recipe parameters, same base and
+    fine-tuned weights (compared by fingerprint, wherever the model folders are)."""
+    from merging.fingerprint import same_weights
+
     try:
         with open(os.path.join(folder, "recipe.json"), encoding="utf-8") as f:
             have = json.load(f)
     except (OSError, ValueError):
         return False
-    return all(have.get(k) == v for k, v in want.items())
+    if any(have.get(k) != v for k, v in params.items()):
+        return False
+    return same_weights(have.get("base_fingerprint") or {}, base_fp) and \
+        same_weights(have.get("finetuned_fingerprint") or {}, ft_fp)
 
 
 class BuildTaskVectors(io.ComfyNode):
@@ -125,8 +131,8 @@ class BuildTaskVectors(io.ComfyNode):
                 io.Float.Input("drop_rate", default=0.7, min=0.0, max=0.99, step=0.01,
                                tooltip="DARE drop probability p; survivors are scaled by 1/(1-p) (ED: 0.7). "
                                        "1-D tensors are never dropped."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the DARE masks: same seed = same task vectors."),
+                io.Int.Input("dare_seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the DARE masks: same seed = same task vectors. (Not called 'seed': ComfyUI's frontend would add a randomize control.)"),
                 io.Combo.Input("scope", options=SCOPES, default="all",
                                tooltip="all: every denoiser weight (the ED reference). temporal: only the "
                                        "family's temporal layers."),
@@ -140,7 +146,8 @@ class BuildTaskVectors(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model: str, finetuned_model: str, name: str, a_dyn: float, b_dyn: float, a_con: float,
-                b_con: float, drop_rate: float, seed: int, scope: str, overwrite: bool) -> io.NodeOutput:
+                b_con: float, drop_rate: float, dare_seed: int, scope: str, overwrite: bool) -> io.NodeOutput:
+        from merging.fingerprint import fingerprint_checkpoint
         from merging.recipes import build_ed
 
         if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
@@ -154,16 +161,16 @@ class BuildTaskVectors(io.ComfyNode):
         os.makedirs(host.model_folder("task_vectors"), exist_ok=True)
         out_dir = os.path.join(host.model_folder("task_vectors"), name)
         params = {"a_dyn": a_dyn, "b_dyn": b_dyn, "a_con": a_con, "b_con": b_con, "p": drop_rate}
-        want = {"recipe": "ed", "params": params, "seed": seed, "scope": scope,
-                "base": os.path.abspath(base), "finetuned": os.path.abspath(ft)}
-        if os.path.isdir(out_dir) and _same_build(out_dir, want):
+        same = {"recipe": "ed", "params": params, "seed": dare_seed, "scope": scope}
+        if os.path.isdir(out_dir) and _same_build(out_dir, same, fingerprint_checkpoint(base),
+                                                  fingerprint_checkpoint(ft)):
             status = "already built"
         else:
             if os.path.exists(out_dir) and not overwrite:
                 raise FileExistsError(f"Build ED Task Vectors: {out_dir} already exists and was built from other "
                                       "inputs; choose another name or turn on overwrite.")
             # the engine writes into a hidden temporary folder and renames it when complete
-            build_ed(base, ft, out_dir, seed=seed, scope=scope, overwrite=overwrite,
+            build_ed(base, ft, out_dir, seed=dare_seed, scope=scope, overwrite=overwrite,
                      progress=host.progress_callback(1), **{k: params[k] for k in params})
             status = "built"
         tv = load_set(out_dir)

@@ -49,8 +49,11 @@ CORE_NODES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_models_dir(root: str) -> dict[str, str]:
-    """Tiny models under ``root`` in ComfyUI's layout, named as the shipped workflows name them."""
+def make_models_dir(root: str, task_vectors: bool = False) -> dict[str, str]:
+    """Tiny models under ``root`` in ComfyUI's layout, named as the shipped workflows name them.
+
+    The ED task vectors that workflow (b) loads are what workflow (d) builds; ``task_vectors=True``
+    builds them here already (with the same parameters, so (d) then finds them built)."""
     import torch
 
     from merging.recipes import build_ed
@@ -75,7 +78,8 @@ def make_models_dir(root: str) -> dict[str, str]:
         paths[key + "_embedder"] = save_motion_embedder(emb, os.path.join(emb_dir, name))
     paths["task_vectors"] = os.path.join(root, "task_vectors", TASK_VECTORS)
     os.makedirs(os.path.dirname(paths["task_vectors"]), exist_ok=True)
-    build_ed(paths["base"], paths["finetuned"], paths["task_vectors"])
+    if task_vectors:
+        build_ed(paths["base"], paths["finetuned"], paths["task_vectors"])
     os.makedirs(os.path.join(root, "motion_estimators"), exist_ok=True)
     return paths
 
@@ -131,7 +135,6 @@ def env() -> Env:
         import asyncio
 
         ext = asyncio.run(pack.comfy_entrypoint())
-        asyncio.run(ext.on_load())  # copies the example inputs into input/
         node_list = asyncio.run(ext.get_node_list())
         nodes_pkg = sys.modules[PACK_MODULE + ".nodes"]
         if not had_nodes:

@@ -177,7 +177,7 @@ def graph_build() -> Graph:
     return Graph("motiondial_build_ed_task_vectors", "Build ED task vectors from a base and a fine-tuned model", [
         Node(1, "MotionDialBuildTaskVectors", (40, 60), (360, 330),
              [("base_model", BASE_MODEL), ("finetuned_model", FINETUNED_MODEL), ("name", TASK_VECTORS),
-              ("a_dyn", 0.25), ("b_dyn", 0.75), ("a_con", 1.0), ("b_con", 0.25), ("drop_rate", 0.7), ("seed", 0),
+              ("a_dyn", 0.25), ("b_dyn", 0.75), ("a_con", 1.0), ("b_con", 0.25), ("drop_rate", 0.7), ("dare_seed", 0),
               ("scope", "all"), ("overwrite", False)],
              outputs=[("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE")]),
         note(2, (440, 60), (400, 300),
