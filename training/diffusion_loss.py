@@ -104,7 +104,16 @@ class DiffusionObjective:
         # Same as DiagonalGaussianDistribution.sample: mean + std * N(0, 1).
         return mean + std * self._randn(mean.shape, generator)
 
-    def encode(self, batch: dict, generator: torch.Generator) -> dict:  # pragma: no cover - abstract
+    def encode(self, batch: dict, generator: torch.Generator) -> dict:
+        """Run the frozen encoders on ``batch`` (video ``[B,T,3,H,W]`` -1..1, captions, scores).
+
+        Autocast is switched off here: the frozen parts run in the precision they were loaded in
+        (and the CLIP image processor refuses bf16 tensors), only the denoiser runs under the
+        trainer's mixed precision."""
+        with torch.autocast(device_type=torch.device(self.device).type, enabled=False), torch.no_grad():
+            return self._encode(batch, generator)
+
+    def _encode(self, batch: dict, generator: torch.Generator) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def loss(self, enc: dict, denoiser: nn.Module, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
@@ -143,8 +152,7 @@ class CogVideoXObjective(DiffusionObjective):
                 self._text_cache[c] = e.detach().to("cpu")
         return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
 
-    @torch.no_grad()
-    def encode(self, batch: dict, generator: torch.Generator) -> dict:
+    def _encode(self, batch: dict, generator: torch.Generator) -> dict:
         vae = self.model.vae
         video = batch["video"].to(self.device, vae.dtype)  # [B, T, 3, H, W] in -1..1
         b, t, _, h, w = video.shape
@@ -224,8 +232,7 @@ class SVDObjective(DiffusionObjective):
         if self.prediction_type not in ("v_prediction", "epsilon"):
             raise ValueError(f"SVD training: scheduler prediction_type {self.prediction_type!r} is not supported")
 
-    @torch.no_grad()
-    def encode(self, batch: dict, generator: torch.Generator) -> dict:
+    def _encode(self, batch: dict, generator: torch.Generator) -> dict:
         from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
         vae = self.model.vae
