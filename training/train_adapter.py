@@ -58,6 +58,8 @@ class Stage1Config:
         caption_dropout: probability of training on the empty prompt instead of the caption, so
             classifier-free guidance on the text works at sampling time.
         fps: SVD's fps conditioning during training.
+        write_model: also write the fine-tuned model as a complete diffusers folder
+            (``finetuned/merged``: base + delta, in the base's dtype) for ``merging.build --finetuned``.
     """
 
     model: str
@@ -75,6 +77,7 @@ class Stage1Config:
     batch_size: int = 1
     caption_dropout: float = 0.1
     fps: int = 7
+    write_model: bool = True
 
 
 class Stage1Module(nn.Module):
@@ -280,9 +283,12 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
                 os.path.join(out_dir, ADAPTER_FILE), m.adapter, base_fingerprint=base_fp,
                 text_encoder={**clip.info(), "path": os.path.abspath(cfg.text_encoder)},
             )
+        if cfg.write_model:
+            files["finetuned_model"] = _write_finetuned_model(cfg.model, files["delta"], out_dir)
         return files
 
-    config = {**asdict(cfg), "trainable": mode, "frames": frames, "height": height, "width": width,
+    # write_model only decides what save_fn writes: a resume may change it.
+    config = {**{k: v for k, v in asdict(cfg).items() if k != "write_model"}, "trainable": mode, "frames": frames, "height": height, "width": width,
               "model": os.path.abspath(cfg.model), "data": os.path.abspath(cfg.data),
               "text_encoder": os.path.abspath(cfg.text_encoder) if cfg.text_encoder else None}
     task = TrainTask(name="adapter", model=module, batch_fn=batch_fn, loss_fn=loss_fn, trainable=pred,
@@ -317,6 +323,14 @@ def _save_finetune_delta(path: str, model: Any, module: Stage1Module, trained_ke
     return save_delta(path, tensors, name="finetune", base_fingerprint=base_fp, recipe="stage1",
                       params={"trainable": mode, "rank": cfg.rank if mode == "lora" else None},
                       scope=scope, family=model.family.name, dtype=torch.float32, overwrite=True)
+
+
+def _write_finetuned_model(base: str, delta: str, out_dir: str) -> str:
+    """``base + delta`` as a complete model folder, streamed key by key (``merging.recipes.merge_deltas``)."""
+    from merging.recipes import merge_deltas
+
+    res = merge_deltas(base, {delta: 1.0}, os.path.join(out_dir, "finetuned"), overwrite=True)
+    return res.files["merged"]
 
 
 def train_adapter(cfg: Stage1Config, runner: Any, *, device: str | torch.device | None = None,
@@ -364,6 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out and start over")
     p.add_argument("--resume", help="resume from this checkpoint folder (default: the newest in --out)")
     p.add_argument("--preload", action="store_true", help="decode every clip once up front (small data sets)")
+    p.add_argument("--no-model", action="store_true",
+                   help="do not write the fine-tuned model folder (finetuned/merged); the delta is always written")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -377,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scope=args.scope, rank=args.rank, lora_alpha=args.lora_alpha, num_queries=args.num_queries,
         num_heads=args.num_heads, frames=args.frames, height=args.height, width=args.width,
         batch_size=args.batch_size, caption_dropout=args.caption_dropout, fps=args.fps,
+        write_model=not args.no_model,
     )
     runner = RunnerConfig(
         out_dir=args.out, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
