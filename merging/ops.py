@@ -8,13 +8,16 @@ DARE masks are reproducible: the keep-mask of a tensor is a function of ``(seed,
 only, drawn in fixed blocks of ``MASK_BLOCK`` elements, each block from its own generator seeded
 by a hash of ``(seed, stream, key, block index)``. So a mask is the same whether the tensor is
 processed whole or in chunks, on any machine, and two vectors drawn with different ``stream``
-names (the ED recipe's dynamics and control vectors) get independent masks.
+names (the ED recipe's dynamics and control vectors) get independent masks. The uniforms come
+from numpy's SFC64 bit generator (raw 32-bit draws), about 3x faster here than torch's CPU
+Mersenne twister, which matters: mask drawing is a large share of the ED build's arithmetic.
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "task_vector",
     "scaled_sum",
     "extrapolate",
+    "dare_drop_mask",
     "dare_keep_mask",
     "dare",
     "magnitude_topk",
@@ -54,41 +58,70 @@ def extrapolate(pre: torch.Tensor, ft: torch.Tensor, alpha: float) -> torch.Tens
 
 def _block_seed(seed: int, stream: str, key: str, block: int) -> int:
     h = hashlib.sha256(f"{int(seed)}\x00{stream}\x00{key}\x00{block}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(h[:8], "little")
 
 
-def dare_keep_mask(numel: int, p: float, seed: int, key: str, stream: str = "", offset: int = 0, length: int | None = None) -> torch.Tensor:
-    """The DARE keep-mask (bool, flat) of elements ``[offset, offset + length)`` of a tensor.
+def _drop_threshold(p: float) -> np.uint32:
+    # An element is dropped when its uniform 32-bit draw u < T, T = round(p * 2^32):
+    # P(drop) = T / 2^32, within 2^-33 of p (finer than a float32 uniform's 2^-24).
+    return np.uint32(min(int(round(p * 2.0**32)), 2**32 - 1))
 
-    Each element is kept with probability ``1 - p``. ``numel`` is the whole tensor's size (the
-    last block is shorter); the result does not depend on how the tensor is chunked.
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
-    length = numel - offset if length is None else length
-    if offset < 0 or length < 0 or offset + length > numel:
-        raise ValueError(f"mask range {offset}..{offset + length} outside a tensor of {numel} elements")
-    out = torch.empty(length, dtype=torch.bool)
+
+def _blocks(numel: int, offset: int, length: int):
+    """(block index, lo, hi) of every mask block overlapping ``[offset, offset + length)``,
+    with ``lo:hi`` the overlap in block coordinates."""
     pos = offset
     while pos < offset + length:
         block = pos // MASK_BLOCK
         b_start = block * MASK_BLOCK
         b_len = min(MASK_BLOCK, numel - b_start)
-        g = torch.Generator().manual_seed(_block_seed(seed, stream, key, block))
-        u = torch.rand(b_len, generator=g)
-        lo = pos - b_start
         hi = min(b_len, offset + length - b_start)
-        torch.ge(u[lo:hi], p, out=out[pos - offset : pos - offset + hi - lo])
+        yield block, pos - b_start, hi
         pos = b_start + hi
-    return out
 
 
-def dare(x: torch.Tensor, p: float, seed: int, key: str, stream: str = "", shape: Sequence[int] | None = None, offset: int = 0) -> torch.Tensor:
+def _block_drops(seed: int, stream: str, key: str, block: int, lo: int, hi: int, threshold: np.uint32) -> np.ndarray:
+    raw = np.random.SFC64(_block_seed(seed, stream, key, block)).random_raw((hi + 1) // 2).view(np.uint32)
+    return raw[lo:hi] < threshold
+
+
+def _check_range(p: float, numel: int, offset: int, length: int | None) -> int:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
+    length = numel - offset if length is None else length
+    if offset < 0 or length < 0 or offset + length > numel:
+        raise ValueError(f"mask range {offset}..{offset + length} outside a tensor of {numel} elements")
+    return length
+
+
+def dare_drop_mask(numel: int, p: float, seed: int, key: str, stream: str = "", offset: int = 0, length: int | None = None) -> torch.Tensor:
+    """The DARE *drop* mask (bool, flat, True = dropped) of elements ``[offset, offset + length)``.
+
+    Each element is dropped with probability ``p``. Block ``b`` of ``MASK_BLOCK`` elements draws
+    its uniforms from numpy's SFC64 generator seeded with a hash of ``(seed, stream, key, b)``
+    (raw 32-bit outputs: numpy keeps bit generator streams stable across versions). ``numel``
+    is the whole tensor's size; the result does not depend on how the tensor is chunked.
+    """
+    length = _check_range(p, numel, offset, length)
+    t = _drop_threshold(p)
+    parts = [_block_drops(seed, stream, key, b, lo, hi, t) for b, lo, hi in _blocks(numel, offset, length)]
+    if not parts:
+        return torch.empty(0, dtype=torch.bool)
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def dare_keep_mask(numel: int, p: float, seed: int, key: str, stream: str = "", offset: int = 0, length: int | None = None) -> torch.Tensor:
+    """The complement of ``dare_drop_mask``: True where an element survives (probability ``1 - p``)."""
+    return ~dare_drop_mask(numel, p, seed, key, stream, offset, length)
+
+
+def dare(x: torch.Tensor, p: float, seed: int, key: str, stream: str = "", shape: Sequence[int] | None = None, offset: int = 0, inplace: bool = False) -> torch.Tensor:
     """DARE: drop each entry with probability ``p``, rescale survivors by ``1 / (1 - p)``.
 
-    Tensors of fewer than 2 dimensions (biases, norm scales) pass through whole, as in the ED
-    reference. ``x`` may be a flat chunk starting at flat ``offset`` of a tensor of ``shape``
-    (default: ``x`` is the whole tensor).
+    Computes ``(x / (1 - p)) * keep`` (dropped entries become 0). Tensors of fewer than 2
+    dimensions (biases, norm scales) pass through whole, as in the ED reference. ``x`` may be a
+    flat chunk starting at flat ``offset`` of a tensor of ``shape`` (default: ``x`` is the whole
+    tensor). ``inplace=True`` overwrites ``x`` (saves memory traffic in the streaming engine).
     """
     shape = tuple(x.shape) if shape is None else tuple(shape)
     if len(shape) < 2 or p == 0.0:
@@ -96,8 +129,21 @@ def dare(x: torch.Tensor, p: float, seed: int, key: str, stream: str = "", shape
     numel = 1
     for s in shape:
         numel *= s
-    keep = dare_keep_mask(numel, p, seed, key, stream, offset, x.numel()).view(x.shape)
-    return torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=x.dtype))
+    length = _check_range(p, numel, offset, x.numel())
+    out = x.div_(1.0 - p) if inplace else x / (1.0 - p)
+    if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+        # numpy's float * bool multiply is ~30x faster here than torch's masked_fill_ / where.
+        flat = out.view(-1).numpy()
+        t = _drop_threshold(p)
+        pos = 0
+        with np.errstate(invalid="ignore"):  # inf * 0 -> nan: non-finite input is reported by the caller
+            for b, lo, hi in _blocks(numel, offset, length):
+                seg = flat[pos : pos + hi - lo]
+                np.multiply(seg, ~_block_drops(seed, stream, key, b, lo, hi, t), out=seg)
+                pos += hi - lo
+        return out
+    keep = dare_keep_mask(numel, p, seed, key, stream, offset, length).view(out.shape).to(out.device)
+    return out.mul_(keep)
 
 
 def magnitude_topk(x: torch.Tensor, density: float) -> torch.Tensor:

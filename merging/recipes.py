@@ -60,15 +60,32 @@ class EDRecipe:
         self.a_dyn, self.b_dyn, self.a_con, self.b_con, self.p, self.seed = a_dyn, b_dyn, a_con, b_con, p, seed
         self.merged = merged
         self.outputs = ("dynamics", "control") + (("dynamics_model", "control_model") if merged else ())
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _buf(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        # Scratch reused across chunks (fresh multi-MB allocations cost page faults each time).
+        b = self._scratch.get(name)
+        if b is None or b.numel() < like.numel():
+            b = self._scratch[name] = torch.empty(like.numel(), dtype=torch.float32)
+        return b[: like.numel()].view(like.shape)
 
     def compute(self, key, inputs, shape, offset):
         pre, ft = inputs["base"], inputs["finetuned"]
-        dyn = self.b_dyn * ops.dare(self.a_dyn * (pre - ft), self.p, self.seed, key, "dynamics", shape, offset)
-        con = (self.a_con * ft + self.b_con * ops.dare(ft - pre, self.p, self.seed, key, "control", shape, offset)) - pre
+        # The formulas, evaluated in place in this order (each step rounds exactly as the
+        # out-of-place expression would): fewer passes over memory on multi-GB checkpoints.
+        # The returned tensors are scratch views, valid until the next call.
+        # dynamics: b_dyn * DARE_p(a_dyn * (pre - ft))
+        dyn = torch.sub(pre, ft, out=self._buf("dyn", pre)).mul_(self.a_dyn)
+        dyn = ops.dare(dyn, self.p, self.seed, key, "dynamics", shape, offset, inplace=True).mul_(self.b_dyn)
+        # control: (a_con * ft + b_con * DARE_p(ft - pre)) - pre
+        con = torch.sub(ft, pre, out=self._buf("con", pre))
+        con = ops.dare(con, self.p, self.seed, key, "control", shape, offset, inplace=True).mul_(self.b_con)
+        # a_con * ft is ft itself when a_con == 1 (exact in IEEE arithmetic): skip that pass.
+        con.add_(ft if self.a_con == 1.0 else torch.mul(ft, self.a_con, out=self._buf("aft", ft))).sub_(pre)
         out = {"dynamics": dyn, "control": con}
         if self.merged:
-            out["dynamics_model"] = pre + dyn
-            out["control_model"] = pre + con
+            out["dynamics_model"] = torch.add(pre, dyn, out=self._buf("dyn_model", pre))
+            out["control_model"] = torch.add(pre, con, out=self._buf("con_model", pre))
         return out
 
 
