@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -201,3 +202,22 @@ def test_optimizer_state_round_trips_without_pickle():
     assert opt2.param_groups[0]["betas"] == (0.8, 0.9) and opt2.param_groups[0]["lr"] == 0.1
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(v, opt2.state_dict()["state"][0][k])
+
+
+def test_bf16_and_back_in_one_process(tmp_path):
+    r = run(_task(), _cfg(tmp_path / "bf", steps=2, mixed_precision="bf16", checkpoint_every=0), log=_quiet)
+    assert r.status == "completed" and r.report["mixed_precision"] == "bf16"
+    assert all(np.isfinite(e["loss"]) for e in r.report["losses"])
+    r = run(_task(), _cfg(tmp_path / "fp", steps=2, checkpoint_every=0), log=_quiet)
+    assert r.status == "completed" and r.report["mixed_precision"] == "no"
+
+
+def test_callback_error_saves_checkpoint(tmp_path):
+    def cb(step, total, logs):
+        assert total == 7 and "loss" in logs
+        if step == 2:
+            raise RuntimeError("cancelled by the user")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        run(_task(), _cfg(tmp_path, checkpoint_every=0), callback=cb, log=_quiet)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]

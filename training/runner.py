@@ -247,7 +247,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
 
     cfg.validate()
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        accelerator = _make_accelerator(Accelerator, cfg.mixed_precision)
     main = accelerator.is_main_process
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     if main:
@@ -444,6 +444,22 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
         atomic_write_json(report_path, report)
     accelerator.wait_for_everyone()
     return TrainResult(status=status, step=step, report=report, report_path=report_path, checkpoint=last_ckpt)
+
+
+def _make_accelerator(cls, mixed_precision: str):
+    """An ``Accelerator``; in a single process, a previous one with another precision is replaced.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second precision;
+    library callers (ComfyUI, tests) may run several trainings in one process.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision and \
+            state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return cls(mixed_precision=mixed_precision)
 
 
 class _nullcontext:
