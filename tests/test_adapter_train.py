@@ -8,6 +8,7 @@ import torch
 
 from adapters import TextEncoderError, check_text_width, load_adapter, load_clip_text
 from adapters.tiny import build_tiny_clip_text
+from training.adapter_data import write_pan_dataset
 from training.train_adapter import ADAPTER_FILE, DELTA_FILE, Stage1Config, Stage1Error, build, main
 
 FRAMES = 4
@@ -24,29 +25,12 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-def write_pan_clips(folder, size=32, frames=FRAMES, captions=CAPTIONS, seed=0):
-    """Two clips of one random texture panning left / right (2 px per frame) + ``data.jsonl``."""
-    from motion.clips import write_frames
-
-    rng = np.random.default_rng(seed)
-    tex = rng.integers(0, 256, (size, 2 * size, 3), dtype=np.uint8)
-    rows = []
-    for i, (cap, dx) in enumerate(zip(captions, (-2, 2))):
-        clip = np.stack([np.roll(tex, dx * t, axis=1)[:, size // 2: size // 2 + size] for t in range(frames)])
-        write_frames(os.path.join(folder, f"clip{i}"), clip)
-        rows.append({"clip": f"clip{i}", "caption": cap})
-    path = os.path.join(folder, "data.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("stage1")
     return {
         "svd": tiny_model_dir("svd"),
-        "data": write_pan_clips(str(root)),
+        "data": write_pan_dataset(str(root)),
         "clip": build_tiny_clip_text(root / "clip", 32),
     }
 
@@ -98,7 +82,6 @@ def test_loss_falls_and_text_matters(stage1, tmp_path):
     result = run(task, _runner(tmp_path / "out", 30), log=lambda s: None)
     assert result.status == "completed"
     after = _fixed_losses(module, task.batch_fn)
-    print("LOSSES", before.mean(), after.mean())
     assert after.mean() < 0.8 * before.mean(), (before, after)
     # After training the caption reaches the output.
     left1 = _fixed_losses(module, task.batch_fn, caption=CAPTIONS[0])
@@ -172,7 +155,7 @@ def test_cogvideox_lora_and_temporal(tmp_path, tiny_model_dir, stage1):
     from training.runner import run
 
     cog = tiny_model_dir("cogvideox-i2v")
-    data = write_pan_clips(str(tmp_path / "clips"), frames=9)
+    data = write_pan_dataset(str(tmp_path / "clips"), frames=9)
     for mode in ("lora", "temporal"):
         cfg = Stage1Config(model=cog, data=data, frames=9, trainable=mode if mode == "lora" else "auto",
                            rank=2, write_model=False)

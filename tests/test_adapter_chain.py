@@ -1,0 +1,73 @@
+"""The whole ED chain on a tiny SVD: train_adapter -> merging.build -> sample with the schedule and a prompt."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adapters import load_adapter, load_clip_text, prompted
+from adapters.tiny import build_tiny_clip_text
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from 2 threads; on a busy 2-core machine they get much slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
+    from merging.build import main as build_main
+    from merging.deltas import load_deltas
+    from merging.patcher import ScheduledWeights
+    from merging.schedule import Schedule
+    from pipelines import load_model, sample
+    from training.train_adapter import ADAPTER_FILE, main as train_main
+
+    from training.adapter_data import write_pan_dataset
+
+    svd = tiny_model_dir("svd")
+    data = write_pan_dataset(str(tmp_path / "clips"))
+    clip_dir = build_tiny_clip_text(tmp_path / "clip", 32)
+    stage1 = tmp_path / "stage1"
+
+    # Stage 1: adapter + temporal layers, a few steps with a large learning rate so that the
+    # fine-tune is visibly different from the base.
+    assert train_main([
+        "--model", svd, "--data", data, "--out", str(stage1), "--text-encoder", clip_dir, "--frames", "4",
+        "--num-queries", "4", "--steps", "4", "--lr", "1e-2", "--warmup-steps", "0", "--no-progress", "--preload",
+    ]) == 0
+
+    # Stages 2-3: ED deltas from (base, fine-tuned model).
+    ed = tmp_path / "ed"
+    assert build_main(["--base", svd, "--finetuned", str(stage1 / "finetuned" / "merged"), "--out", str(ed), "--quiet"]) == 0
+    torch.set_num_threads(1)  # merging.build's main() sets its own thread count
+
+    model = load_model(svd)
+    fp = model.fingerprint()
+    deltas = load_deltas(ed, fp)
+    assert set(deltas) == {"dynamics", "control"}
+    weights = ScheduledWeights(deltas, Schedule.load(ed / "schedule.json"))
+    adapter = load_adapter(stage1 / ADAPTER_FILE, base_fingerprint=fp).adapter
+    clip = load_clip_text(clip_dir)
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    kw = dict(frames=4, steps=2, cfg=2.0, seed=0)
+    plain = sample(model, image, **kw)
+    with prompted(model.denoiser, adapter, clip, "camera pans left"):
+        left = sample(model, image, weight_schedule=weights, **kw)
+    with prompted(model.denoiser, adapter, clip, "camera pans right"):
+        right = sample(model, image, weight_schedule=weights, **kw)
+        six = sample(model, image, weight_schedule=weights, **{**kw, "frames": 6})  # queries interpolated
+    assert left.frames.shape == (4, 32, 32, 3) and six.frames.shape[0] == 6
+    assert np.isfinite(left.frames).all()
+    assert np.abs(left.frames - right.frames).max() > 0  # the prompt reaches the video
+    assert np.abs(left.frames - plain.frames).max() > 0
+    # Weights and hooks are gone afterwards: the base model samples exactly as before.
+    after = model.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert np.array_equal(sample(model, image, **kw).frames, plain.frames)
