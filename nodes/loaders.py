@@ -57,9 +57,11 @@ class LoadI2VModel(io.ComfyNode):
             raise ValueError(f"device={device!r} moves weights between the CPU and a GPU, but ComfyUI runs on the "
                              "CPU here. Choose auto or cpu.")
         offload = {"model_offload": "model", "sequential_offload": "sequential"}.get(device, "none")
-        managed = device == "auto" and not on_cpu
-        # Managed models are loaded where ComfyUI keeps idle weights; prepare() moves them for a run.
-        where = "cpu" if device == "cpu" or on_cpu else (host.offload_device() if managed else compute)
+        # auto: registered with ComfyUI's model manager (also on a CPU-only ComfyUI, where loading
+        # is a no-op, so the same code path runs everywhere); the weights wait on the offload
+        # device and ManagedI2VModel.prepare() moves them for each run.
+        managed = device == "auto"
+        where = host.offload_device() if managed else ("cpu" if device == "cpu" else compute)
         svd = family == "svd"
         model = load_model(path, dtype=dtype, device=where, offload=offload,
                            vae_tiling=vae_tiling and not svd, vae_slicing=vae_tiling and svd)

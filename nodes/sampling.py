@@ -30,7 +30,7 @@ class I2VSampler(io.ComfyNode):
                                 tooltip="What happens in the video. SVD ignores text."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="What to avoid (classifier-free guidance's negative text). SVD ignores it."),
-                io.Int.Input("frames", default=49, min=1, max=1024, step=1,
+                io.Int.Input("frames", default=49, min=2, max=256, step=1,
                              tooltip="Number of frames to generate (CogVideoX: 4k+1, e.g. 49; SVD-XT: 25)."),
                 io.Int.Input("steps", default=50, min=1, max=1000, step=1,
                              tooltip="Denoising steps. More is slower and usually cleaner."),

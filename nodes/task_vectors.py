@@ -141,7 +141,8 @@ class BuildTaskVectors(io.ComfyNode):
             ],
             outputs=[t.TaskVectors.Output(display_name="task_vectors"),
                      t.Schedule.Output(display_name="schedule",
-                                       tooltip="The ED reference schedule saved with the set.")],
+                                       tooltip="The ED reference schedule saved with the set."),
+                     io.String.Output(display_name="summary", tooltip="Where the set was written (or found).")],
         )
 
     @classmethod
@@ -175,7 +176,7 @@ class BuildTaskVectors(io.ComfyNode):
             status = "built"
         tv = load_set(out_dir)
         text = f"{status}: {out_dir} ({', '.join(sorted(tv.deltas))})"
-        return io.NodeOutput(tv, tv.schedule, ui=ui.PreviewText(text))
+        return io.NodeOutput(tv, tv.schedule, text, ui=ui.PreviewText(text))
 
 
 class LoadTaskVectors(io.ComfyNode):

@@ -123,9 +123,9 @@ def graph_ed() -> Graph:
         load_model(1, (40, 60)),
         load_embedder(2, (40, 230)),
         load_image(3, (40, 340)),
-        Node(4, "MotionDialLoadTaskVectors", (40, 700), (320, 80), [("task_vectors_name", TASK_VECTORS)],
+        Node(4, "MotionDialLoadTaskVectors", (40, 730), (320, 80), [("task_vectors_name", TASK_VECTORS)],
              [("model", "MD_I2V_MODEL", False)], [("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE")]),
-        Node(5, "MotionDialMotionSchedule", (40, 820), (320, 330),
+        Node(5, "MotionDialMotionSchedule", (40, 850), (320, 330),
              [("kind", "hard_switch"), ("switch", 0.5), ("start", 0.0), ("end", 1.0), ("dynamics_strength", 1.0),
               ("control_strength", 1.0),
               ("keyframes", '{"dynamics": [[0.4, 0.0], [0.6, 1.0]], "control": [[0.4, 1.0], [0.6, 0.0]]}'),
@@ -155,7 +155,7 @@ def graph_transfer() -> Graph:
         Node(4, "MotionDialEstimateMotion", (400, 420), (320, 110), [("fps", 8.0)],
              [("frames", "IMAGE", False), ("estimator", "MD_MOTION_ESTIMATOR", True)],
              [("scores", "MD_MOTION_SCORES"), ("object", "FLOAT"), ("camera", "FLOAT"), ("summary", "STRING")]),
-        Node(5, "PreviewAny", (400, 570), (320, 120), sockets=[("source", "*", False)], title="Estimated motion"),
+        Node(5, "PreviewAny", (400, 590), (320, 120), sockets=[("source", "*", False)], title="Estimated motion"),
         load_model(6, (400, 60)),
         load_embedder(7, (400, 230)),
         load_image(8, (40, 620)),
@@ -179,7 +179,8 @@ def graph_build() -> Graph:
              [("base_model", BASE_MODEL), ("finetuned_model", FINETUNED_MODEL), ("name", TASK_VECTORS),
               ("a_dyn", 0.25), ("b_dyn", 0.75), ("a_con", 1.0), ("b_con", 0.25), ("drop_rate", 0.7), ("dare_seed", 0),
               ("scope", "all"), ("overwrite", False)],
-             outputs=[("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE")]),
+             outputs=[("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE"), ("summary", "STRING")]),
+        Node(3, "PreviewAny", (40, 430), (360, 120), sockets=[("source", "*", False)], title="Result"),
         note(2, (440, 60), (400, 300),
              "Build the ED task vectors (stages 2-3 of Extrapolating & Decoupling).\n\nFrom a base I2V model and "
              "the same model fine-tuned on motion (stage 1), this writes models/task_vectors/<name>/ with "
@@ -187,8 +188,9 @@ def graph_build() -> Graph:
              "a_con * finetuned + b_con * DARE(finetuned - base) - base (DARE drop rate p, seeded), plus the "
              "reference schedule. Defaults are the paper's. The checkpoints are streamed key by key, so memory "
              "stays bounded; the result loads with Load ED Task Vectors.\n\nNeeds models/diffusers/"
-             f"{BASE_MODEL} and models/diffusers/{FINETUNED_MODEL}. Press Run: the path is shown on the node."),
-    ], [])
+             f"{BASE_MODEL} and models/diffusers/{FINETUNED_MODEL}. Press Run: 'Result' shows where the set was "
+             "written (a set already built from the same weights and parameters is reused)."),
+    ], [(1, 2, 3, "source")])
 
 
 GRAPHS = [graph_dials, graph_ed, graph_transfer, graph_build]

@@ -1,0 +1,107 @@
+"""Each shipped workflow runs end to end on tiny models: the API-format copy is executed by calling
+the node classes (ComfyUI's core nodes replaced by small stand-ins, see nodes_harness.py).
+
+Only the sampler's size and step count are lowered for speed; everything else is as shipped.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import nodes_harness as h
+
+FAST = {"frames": 9, "steps": 3, "height": 32, "width": 48}
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = h.env()
+    yield e
+    e.uninstall()
+
+
+def _fast(graph: dict) -> dict:
+    for node in graph.values():
+        if node["class_type"] == "MotionDialI2VSampler":
+            node["inputs"].update(FAST)
+    return graph
+
+
+def _sampler_frames(graph: dict, result) -> torch.Tensor:
+    nid = next(k for k, v in graph.items() if v["class_type"] == "MotionDialI2VSampler")
+    frames, fps = result.outputs[nid]
+    assert isinstance(fps, float) and fps > 0
+    return frames
+
+
+def _check_video(graph, result):
+    frames = _sampler_frames(graph, result)
+    assert tuple(frames.shape) == (9, 32, 48, 3) and frames.dtype == torch.float32
+    assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
+    assert len(result.core.saved) == 1 and result.core.saved[0]["frames"] == 9
+    assert os.path.getsize(result.core.saved[0]["path"]) > 0
+    return frames
+
+
+def test_build_ed_task_vectors_workflow(env):
+    # (d) first: it builds the set that workflow (b) loads.
+    g = h.load_workflow("motiondial_build_ed_task_vectors", api=True)
+    r = h.run_api_graph(g)
+    tv, schedule, summary = r.outputs["1"]
+    folder = os.path.join(env.models, "task_vectors", h.TASK_VECTORS)
+    assert sorted(tv.deltas) == ["control", "dynamics"] and tv.folder == folder
+    assert os.path.isfile(os.path.join(folder, "dynamics.safetensors"))
+    assert schedule.weights(0.9) == {"dynamics": 1.0, "control": 0.0}  # the ED reference hard switch
+    assert folder in summary and r.core.previews == [summary]
+    # A second run with the same inputs reuses the set instead of failing or rebuilding.
+    mtime = os.path.getmtime(os.path.join(folder, "dynamics.safetensors"))
+    r2 = h.run_api_graph(g)
+    assert r2.outputs["1"][2].startswith("already built")
+    assert os.path.getmtime(os.path.join(folder, "dynamics.safetensors")) == mtime
+
+
+def test_dials_workflow(env):
+    g = _fast(h.load_workflow("motiondial_i2v_dials", api=True))
+    frames = _check_video(g, h.run_api_graph(g))
+    # The dials reach the model: other intensities, other frames (the test embedder is not zero).
+    g["4"]["inputs"]["object_intensity"] = 1.0
+    other = _sampler_frames(g, h.run_api_graph(g))
+    assert (frames - other).abs().max() > 1e-4
+
+
+def test_ed_schedule_workflow(env):
+    if not os.path.isdir(os.path.join(env.models, "task_vectors", h.TASK_VECTORS)):
+        h.run_api_graph(h.load_workflow("motiondial_build_ed_task_vectors", api=True))
+    g = _fast(h.load_workflow("motiondial_i2v_ed_schedule", api=True))
+    with_ed = _check_video(g, h.run_api_graph(g))
+    # The task vectors change the result; strengths 0 give back the plain model.
+    g["5"]["inputs"].update(dynamics_strength=0.0, control_strength=0.0)
+    plain_weights = _sampler_frames(g, h.run_api_graph(g))
+    del g["6"]["inputs"]["task_vectors"], g["6"]["inputs"]["schedule"]
+    no_ed = _sampler_frames(g, h.run_api_graph(g))
+    assert (with_ed - no_ed).abs().max() > 1e-4
+    assert torch.allclose(plain_weights, no_ed, atol=1e-5)
+
+
+def test_motion_transfer_workflow(env):
+    g = _fast(h.load_workflow("motiondial_motion_transfer", api=True))
+    r = h.run_api_graph(g)
+    _check_video(g, r)
+    scores, obj, cam, summary = r.outputs["4"]
+    # the reference clip: a disc crossing a panning background -> both motions clearly present
+    assert 2.0 < obj <= 10.0 and 2.0 < cam <= 10.0 and scores.estimator == "flow"
+    assert r.core.previews == [summary] and f"{obj:.2f}" in summary
+    assert r.ui["4"]["text"] == (summary,)
+
+
+def test_example_inputs_are_what_the_workflows_name():
+    from PIL import Image
+
+    from motion import read_clip
+
+    img = Image.open(os.path.join(h.WORKFLOWS, "inputs", "motiondial_example.png"))
+    assert img.size == (360, 240)
+    clip = read_clip(os.path.join(h.WORKFLOWS, "inputs", "motiondial_reference.mp4"))
+    assert clip.frames.shape[0] == 24 and clip.fps == 8.0
+    assert np.abs(np.diff(clip.frames.astype(np.int16), axis=0)).mean() > 5  # it moves
