@@ -19,8 +19,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Mapping, Protocol, Sequence
 
@@ -295,6 +297,68 @@ def _finish(tmp: str, out_dir: str, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_job(writer_for: Callable[[str, str], SafetensorsWriter], name: str, key: str, data: torch.Tensor) -> Callable[[], None]:
+    def job() -> None:
+        writer_for(name, key).write(key, data)
+
+    return job
+
+
+class _AsyncWriter:
+    """Runs the file writes on one background thread, in submission order.
+
+    ``write()`` releases the GIL, so the next chunk's reads and arithmetic overlap with the
+    kernel copying (and throttling) the previous chunk's bytes; the bounded queue keeps at most
+    ``depth`` chunks in flight (memory stays bounded). An error on the thread (disk full...) is
+    re-raised in the caller at the next ``submit`` or at ``finish``; ``stop`` abandons the queue.
+    """
+
+    def __init__(self, depth: int = 3) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="merging-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is None and not self._stopped:
+                try:
+                    job()
+                except BaseException as e:  # handed to the main thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._q.put(job)
+
+    def finish(self) -> None:
+        """Wait for every submitted write; re-raise the first error."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+    def stop(self) -> None:
+        """Drop pending writes and wait for the thread (used on errors and interrupts)."""
+        self._stopped = True
+        if self._thread.is_alive():
+            # Drain so that the sentinel fits even if the queue is full.
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._q.put(None)
+            self._thread.join()
+
+
 class _Buffers:
     """Scratch tensors reused from chunk to chunk.
 
@@ -398,6 +462,7 @@ def run(
     writers: dict[str, SafetensorsWriter | None] = {}
     readers = _Readers()
     bufs = _Buffers()
+    aw = _AsyncWriter()
     try:
         if check_space:
             free = shutil.disk_usage(tmp).free
@@ -471,10 +536,11 @@ def run(
                     for s in outputs:
                         dt = entries[s.name][key][0]
                         y = ys[s.name]
-                        out = bufs.get(("out", s.name), dt, y.numel()).view(y.shape).copy_(y) if recipe.elementwise else y.to(dt)
+                        # A fresh tensor: the write happens on the writer thread while we go on.
+                        out = y.to(dt, copy=True)
                         if not _all_finite(out):
                             raise _nonfinite_error(key, xs, infos, f"output {s.name} in {dtype_name(dt)}")
-                        writer_for(s.name, key).write(key, out.reshape(-1))
+                        aw.submit(_write_job(writer_for, s.name, key, out.reshape(-1)))
                     del xs, ys
                 else:
                     # Out of scope: full outputs copy the base tensor.
@@ -486,10 +552,11 @@ def run(
                         out = raw.to(dt) if raw.dtype != dt else raw
                         if out.is_floating_point() and not _all_finite(out):
                             raise CheckpointError(f"{info.file}: tensor {key!r} (base) holds non-finite values (NaN or Inf)")
-                        writer_for(s.name, key).write(key, out.reshape(-1))
+                        aw.submit(_write_job(writer_for, s.name, key, out.reshape(-1)))
                 if progress is not None:
                     progress(min(done, total), total)
         readers.close()
+        aw.finish()
         for name in list(writers):
             w = writers.pop(name)
             if w is not None:
@@ -512,6 +579,7 @@ def run(
             extra_files(tmp)
         _finish(tmp, out_dir, overwrite)
     except BaseException:
+        aw.stop()
         readers.close()
         for w in writers.values():
             if w is not None:
