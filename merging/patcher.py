@@ -33,30 +33,55 @@ class PatchError(ValueError):
     """Deltas that do not fit the module, or a schedule that names deltas not given."""
 
 
-def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor) -> torch.Tensor:
-    """``out = base + sum_k w_k * delta_k`` computed in fp32 (``out`` is an fp32 tensor).
+# Elements per chunk. Mixed-dtype arithmetic (bf16 operands, fp32 result) over a whole large
+# tensor is memory-bound and ~7x slower on CPU than over cache-sized chunks with a reused fp32
+# scratch (measured: 14 vs 2 ns per value, one thread). A multiple of every SIMD width, so each
+# chunk is vectorised exactly as the whole tensor would be.
+CHUNK = 1 << 18
 
-    The first non-zero term is fused with the copy of the base (``torch.add(..., out=)``); the
-    rest accumulate in place. Both promote bf16/fp16 operands to fp32 before any arithmetic.
+
+def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor) -> torch.Tensor:
+    """``out = base + sum_k w_k * delta_k`` with every operation in fp32; returns ``out``.
+
+    Terms with ``w_k == 0`` are skipped. The first remaining term is fused with the copy of the
+    base (``torch.add(base, delta, alpha=w, out=)``), the rest accumulate in place, in order;
+    bf16/fp16 operands are promoted to fp32 before any arithmetic. ``out`` may be the parameter
+    itself (any float dtype): for a non-fp32 ``out`` the sum is formed in an fp32 scratch chunk
+    and rounded once. All tensors must have ``out``'s shape and device.
     """
     nonzero = [(d, w) for d, w in terms if w != 0.0]
     if not nonzero:
         return out.copy_(base)
-    d, w = nonzero[0]
-    torch.add(base, d, alpha=w, out=out)
-    for d, w in nonzero[1:]:
-        out.add_(d, alpha=w)
+    if not (out.is_contiguous() and base.is_contiguous() and all(d.is_contiguous() for d, _ in nonzero)):
+        acc = base.to(torch.float32, copy=True)  # rare (no flat views): same fp32 arithmetic, unchunked
+        for d, w in nonzero:
+            acc.add_(d, alpha=w)
+        return out.copy_(acc)
+    o, b = out.view(-1), base.view(-1)
+    ds = [(d.view(-1), w) for d, w in nonzero]
+    n = o.numel()
+    direct = out.dtype == torch.float32
+    scratch = None if direct else torch.empty(min(n, CHUNK), dtype=torch.float32, device=out.device)
+    for i in range(0, n, CHUNK):
+        j = min(n, i + CHUNK)
+        acc = o[i:j] if direct else scratch[: j - i]
+        torch.add(b[i:j], ds[0][0][i:j], alpha=ds[0][1], out=acc)
+        for d, w in ds[1:]:
+            acc.add_(d[i:j], alpha=w)
+        if not direct:
+            o[i:j].copy_(acc)
     return out
 
 
 def static_merge(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """The reference arithmetic of the patcher for one tensor, returned in ``base.dtype``.
+    """A static merge with the patcher's exact arithmetic, for one tensor, in ``base.dtype``.
 
-    ``terms`` = ``[(delta_k, w_k), ...]`` in the order of the deltas mapping.
+    ``terms`` = ``[(delta_k, w_k), ...]`` in the order of the deltas mapping. A model whose
+    weights are set with this samples bit-identically to one patched with a ``Constant``
+    schedule of the same weights.
     """
-    acc = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-    _accumulate(base, [(d.to(base.device), float(w)) for d, w in terms], out=acc)
-    return acc.to(base.dtype)
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    return _accumulate(base.contiguous(), [(d.to(base.device).contiguous(), float(w)) for d, w in terms], out=out)
 
 
 class ScheduledWeights:
@@ -203,11 +228,7 @@ class WeightPatcher:
             if base.device != data.device:  # model offload moved the module since we copied it
                 base = self._base[key] = base.to(data.device)
             terms = [(d if d.device == data.device else d.to(data.device), w[n]) for n, d in self._terms[key]]
-            if data.dtype == torch.float32:
-                _accumulate(base, terms, out=data)  # straight into the parameter's storage
-            else:  # fp32 scratch, one rounding to the parameter's dtype
-                scratch = torch.empty(data.shape, dtype=torch.float32, device=data.device)
-                data.copy_(_accumulate(base, terms, out=scratch))
+            _accumulate(base, terms, out=data)  # straight into the parameter's storage
 
     @torch.no_grad()
     def restore(self) -> None:

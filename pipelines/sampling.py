@@ -347,16 +347,22 @@ def sample(
             used = patcher.current_weights
         trace.append(StepTrace(len(trace), float(torch.as_tensor(t).reshape(-1)[0]), level, used))
 
+    extras: dict[tuple, torch.Tensor] = {}  # the [N, D] addend, built once per batch size/dtype/device
+
     def add_motion(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        e_u, e_c = embeds
         n = output.shape[0]
-        if cfg > 1.0:
-            if n % 2:
-                raise RuntimeError(f"expected a CFG batch [uncond; cond] of even size at the time embedding, got {n}")
-            extra = torch.cat([e_u.expand(n // 2, -1), e_c.expand(n // 2, -1)])
-        else:
-            extra = e_c.expand(n, -1)
-        return output + extra.to(device=output.device, dtype=output.dtype)
+        key = (n, output.dtype, output.device)
+        extra = extras.get(key)
+        if extra is None:
+            e_u, e_c = embeds
+            if cfg > 1.0:
+                if n % 2:
+                    raise RuntimeError(f"expected a CFG batch [uncond; cond] of even size at the time embedding, got {n}")
+                extra = torch.cat([e_u.expand(n // 2, -1), e_c.expand(n // 2, -1)])
+            else:
+                extra = e_c.expand(n, -1)
+            extra = extras[key] = extra.to(device=output.device, dtype=output.dtype).contiguous()
+        return output + extra
 
     def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
         if progress is not None:

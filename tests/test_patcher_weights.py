@@ -144,3 +144,22 @@ def test_bf16_deltas_on_fp32_model_use_fp32_math():
         for k, v in net.state_dict().items():
             assert torch.equal(v, base[k] + 0.3 * d16["d"][k].float()) or torch.equal(
                 v, torch.add(base[k], d16["d"][k].float(), alpha=0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_arithmetic_matches_whole_tensor_fp32(monkeypatch, dtype):
+    import merging.patcher as patcher
+
+    monkeypatch.setattr(patcher, "CHUNK", 64)  # many chunks and a ragged last one
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1000, generator=g).to(dtype)
+    d1, d2 = torch.randn(1000, generator=g) * 1e-2, (torch.randn(1000, generator=g) * 1e-2).bfloat16()
+    got = static_merge(base, [(d1, 0.5), (d2, -2.0)])
+    expect = base.float() + 0.5 * d1
+    expect = (expect + (-2.0) * d2.float()).to(dtype)
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    # a non-contiguous base goes through the unchunked path with the same fp32 arithmetic
+    tb = base.reshape(25, 40).t()
+    got_t = static_merge(tb, [(d1.reshape(25, 40).t(), 0.5)])
+    expect_t = (tb.float() + 0.5 * d1.reshape(25, 40).t()).to(dtype)
+    torch.testing.assert_close(got_t, expect_t, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
