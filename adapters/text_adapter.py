@@ -217,8 +217,10 @@ class TemporalTextAdapter(nn.Module):
                 f"temporal block {self.config.block_names[index]!r} has {hidden.shape[-1]} channels, "
                 f"the adapter was built for {inner}: it belongs to another model"
             )
-        w = lin.weight.to(hidden.dtype)
-        text_part = F.linear(vectors.to(hidden.dtype), w[:, inner:], lin.bias.to(hidden.dtype))
+        # No-ops when the adapter already lives with the UNet; keeps offloaded UNets working.
+        w = lin.weight.to(device=hidden.device, dtype=hidden.dtype)
+        bias = lin.bias.to(device=hidden.device, dtype=hidden.dtype)
+        text_part = F.linear(vectors.to(device=hidden.device, dtype=hidden.dtype), w[:, inner:], bias)
         text_part = text_part.reshape(-1, 1, inner)  # [B*F, 1, inner], frame-major like hidden
         return F.linear(hidden, w[:, :inner]) + text_part
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import load_adapter, load_clip_text, prompted
+from adapters import load_text_control
 from adapters.tiny import build_tiny_clip_text
 
 
@@ -51,16 +51,16 @@ def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
     deltas = load_deltas(ed, fp)
     assert set(deltas) == {"dynamics", "control"}
     weights = ScheduledWeights(deltas, Schedule.load(ed / "schedule.json"))
-    adapter = load_adapter(stage1 / ADAPTER_FILE, base_fingerprint=fp).adapter
-    clip = load_clip_text(clip_dir)
+    # The adapter file remembers its text encoder's folder; the base check refuses other UNets.
+    control = load_text_control(stage1 / ADAPTER_FILE, base_fingerprint=fp)
 
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     kw = dict(frames=4, steps=2, cfg=2.0, seed=0)
     plain = sample(model, image, **kw)
-    with prompted(model.denoiser, adapter, clip, "camera pans left"):
+    with control.prompted(model.denoiser, "camera pans left"):
         left = sample(model, image, weight_schedule=weights, **kw)
-    with prompted(model.denoiser, adapter, clip, "camera pans right"):
+    with control.prompted(model.denoiser, "camera pans right"):
         right = sample(model, image, weight_schedule=weights, **kw)
         six = sample(model, image, weight_schedule=weights, **{**kw, "frames": 6})  # queries interpolated
     assert left.frames.shape == (4, 32, 32, 3) and six.frames.shape[0] == 6

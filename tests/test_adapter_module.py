@@ -260,3 +260,20 @@ def test_clip_folder_errors(tmp_path):
     (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(TextEncoderError, match="not a CLIP text encoder"):
         load_clip_text(tmp_path / "t5")
+
+
+def test_load_text_control(unet, clip_dir, tmp_path):
+    from adapters import load_text_control
+
+    adapter = TemporalTextAdapter.for_unet(unet, 32)
+    path = save_adapter(tmp_path / "a.safetensors", adapter, text_encoder={"width": 32, "path": clip_dir})
+    control = load_text_control(path)  # the recorded encoder
+    assert control.text.path == clip_dir
+    with control.prompted(unet, "zoom in"):
+        pass
+    gone = save_adapter(tmp_path / "b.safetensors", adapter, text_encoder={"width": 32, "path": str(tmp_path / "gone")})
+    with pytest.raises(TextEncoderError, match="does not exist here"):
+        load_text_control(gone)
+    wide = make_tiny_clip(tmp_path / "wide", width=48)
+    with pytest.raises(TextEncoderError, match="width 48"):
+        load_text_control(path, wide)

@@ -216,9 +216,7 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
         if locked is not None:
             height, width = locked
         else:
-            s = int(model.pipeline.vae_scale_factor)
-            size = int(model.denoiser.config.sample_size) * s
-            height, width = height or size, width or size
+            height, width = height or _default_size(model)[0], width or _default_size(model)[1]
     if locked is not None and (height, width) != tuple(locked):
         raise Stage1Error(f"{cfg.model}: this model only takes {locked[0]}x{locked[1]} pixels, got {height}x{width}")
 
@@ -296,6 +294,16 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
     info = {"model": model, "trainable": mode, "dataset": dataset, "fingerprint": base_fp,
             "trained_keys": trained_keys}
     return task, info
+
+
+def _default_size(model: Any) -> tuple[int, int]:
+    """The size the model's config was made for, in pixels (what its pipeline defaults to)."""
+    cfg = model.denoiser.config
+    if model.family.name == "svd":
+        s = int(model.pipeline.vae_scale_factor)
+        return int(cfg.sample_size) * s, int(cfg.sample_size) * s
+    s = int(model.pipeline.vae_scale_factor_spatial)
+    return int(cfg.sample_height) * s, int(cfg.sample_width) * s
 
 
 @torch.no_grad()
