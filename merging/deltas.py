@@ -98,7 +98,7 @@ def _parse_metadata(raw: Mapping[str, str], path: str) -> dict[str, Any]:
     return meta
 
 
-@dataclass
+@dataclass(eq=False)
 class Delta(Mapping[str, torch.Tensor]):
     """A loaded delta: a read-only mapping key -> tensor (stored dtype), plus its metadata.
 
@@ -122,6 +122,9 @@ class Delta(Mapping[str, torch.Tensor]):
         if key not in self._checkpoint.tensors:
             raise KeyError(key)
         return self._checkpoint.read(key)
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor (lazy deltas)
+        return key in self._checkpoint.tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._checkpoint.tensors)

@@ -249,15 +249,17 @@ def plan(base: Checkpoint, inputs: Mapping[str, Checkpoint], recipe: Recipe, out
         read_bytes += base.tensors[k].nbytes
         if k in in_scope:
             read_bytes += sum(c.tensors[k].nbytes for c in inputs.values() if k in c.tensors and c is not base)
-    # fp32 working set: the inputs, the outputs, and ~3 temporaries of the recipe's arithmetic.
-    n_arrays = len(recipe.inputs) + len(recipe.outputs) + 3
+    # Working set. Element-wise: per input an fp32 buffer and its raw bytes, per output an fp32
+    # scratch and its cast copy, up to 4 chunks queued for the writer thread (fp32 at worst),
+    # and one DARE mask block (8-byte draws + bool). Whole-tensor: fp32 copies of the largest
+    # tensor in scope for every input, output and temporary.
+    n_in, n_out = len(recipe.inputs), len(recipe.outputs)
     if recipe.elementwise:
-        largest = min(CHUNK_ELEMENTS, max((base.tensors[k].numel for k in read_keys), default=0))
-        # + the DARE uniforms of one mask block and the stored-dtype read buffers
-        peak = largest * 4 * (n_arrays + 1) + (1 << 20) * 4
+        chunk = min(CHUNK_ELEMENTS, max((base.tensors[k].numel for k in read_keys), default=0))
+        peak = chunk * (n_in * (4 + 4) + n_out * (4 + 4) + 4 * 4) + (1 << 20) * 9
     else:
         largest = max((base.tensors[k].numel for k in scope_keys), default=0)
-        peak = largest * 4 * (n_arrays + 2 * len(recipe.inputs))
+        peak = largest * 4 * (2 * n_in + 2 * n_out + 3)
     return Plan(keys, list(scope_keys), read_bytes, out_entries, shards, write_bytes, peak)
 
 
