@@ -99,11 +99,11 @@ class ScheduledWeights:
             raise PatchError("ScheduledWeights needs a non-empty mapping {delta name: {key: tensor}}")
         if not callable(getattr(schedule, "weights", None)):
             raise PatchError(f"schedule must have a weights(noise_level) method, got {type(schedule).__name__}")
-        if getattr(schedule, "mode", "weights") != "weights":
-            raise PatchError(
-                f"{type(schedule).__name__} mixes predictions (mode {schedule.mode!r}); it cannot be applied by "
-                "patching weights"
-            )
+        self.mode = getattr(schedule, "mode", "weights")
+        if self.mode not in ("weights", "predictions"):
+            raise PatchError(f"{type(schedule).__name__} has unknown mode {self.mode!r} (expected weights/predictions)")
+        if self.mode == "predictions" and not callable(getattr(schedule, "models", None)):
+            raise PatchError(f"{type(schedule).__name__} mixes predictions but has no models(noise_level) method")
         self.deltas: dict[str, Mapping[str, torch.Tensor]] = {}
         for name, delta in deltas.items():
             if not isinstance(delta, Mapping) or not delta:
@@ -127,9 +127,7 @@ class ScheduledWeights:
             seen.update(dict.fromkeys(delta))
         return list(seen)
 
-    def weights(self, noise_level: float) -> dict[str, float]:
-        """``{name: w}`` for every delta (0.0 for those the schedule leaves out)."""
-        raw = self.schedule.weights(noise_level)
+    def _full(self, raw: Mapping[str, float], noise_level: float) -> dict[str, float]:
         unknown = sorted(set(raw) - set(self.deltas))
         if unknown:
             raise PatchError(f"the schedule returned weights for unknown delta(s) {unknown}")
@@ -141,11 +139,40 @@ class ScheduledWeights:
             out[name] = w
         return out
 
+    def weights(self, noise_level: float) -> dict[str, float]:
+        """Delta weights ``{name: w}`` for every delta (0.0 for those the schedule leaves out).
+
+        Only for ``mode == "weights"``; prediction-mixing schedules are evaluated with ``calls``.
+        """
+        if self.mode != "weights":
+            raise PatchError(f"{type(self.schedule).__name__} mixes predictions: use calls(noise_level)")
+        return self._full(self.schedule.weights(noise_level), noise_level)
+
+    def calls(self, noise_level: float) -> list[tuple[dict[str, float], float]]:
+        """The denoiser calls one step needs: ``[(delta weights {name: w}, mix weight), ...]``.
+
+        ``"weights"`` mode: one call, ``[(weights(level), 1.0)]``. ``"predictions"`` mode
+        (``merging.schedule.PredictionBlend``): one call per model with a non-zero mix weight;
+        the prediction is ``sum_k mix_k * prediction_k``.
+        """
+        if self.mode == "weights":
+            return [(self.weights(noise_level), 1.0)]
+        out = []
+        for w, mix in self.schedule.models(noise_level):
+            mix = float(mix)
+            if not math.isfinite(mix):
+                raise PatchError(f"the schedule gave a non-finite mix weight {mix} at level {noise_level}")
+            out.append((self._full(w, noise_level), mix))
+        if not out:
+            raise PatchError(f"the schedule asked for no denoiser call at level {noise_level}")
+        return out
+
 
 class WeightPatcher:
     """Context manager that applies ``ScheduledWeights`` to ``module``'s parameters in place.
 
-    ``apply(level)`` is cheap when the weights do not change (one dict comparison). Counts:
+    ``apply(level)`` (weight schedules) and ``set_weights({name: w})`` (one model of a
+    prediction mix) are cheap when the weights do not change (one dict comparison). Counts:
     ``writes`` = how many times the parameters were rewritten. Re-entrant use is refused.
     """
 
@@ -212,7 +239,13 @@ class WeightPatcher:
         """Set the weights for ``noise_level``; returns whether the parameters were rewritten."""
         if not self._entered:
             raise RuntimeError("WeightPatcher.apply outside its `with` block")
-        w = self.scheduled.weights(noise_level)
+        return self.set_weights(self.scheduled.weights(noise_level))
+
+    def set_weights(self, weights: Mapping[str, float]) -> bool:
+        """Set explicit delta weights ``{name: w}`` (missing names: 0); returns whether rewritten."""
+        if not self._entered:
+            raise RuntimeError("WeightPatcher.set_weights outside its `with` block")
+        w = self.scheduled._full(weights, float("nan"))
         if w == self._current:
             return False
         self._write(w)

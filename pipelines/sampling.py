@@ -48,12 +48,17 @@ LOCKED_ASPECT_TOLERANCE = 1.25
 
 @dataclass
 class StepTrace:
-    """What one denoiser call saw: step index, raw timestep, noise level, delta weights used."""
+    """What one denoiser call saw: step index, raw timestep, noise level, delta weights used.
+
+    For a prediction-mixing schedule ``weights`` is ``None`` and ``mix`` lists the models run
+    in that step, ``[(delta weights, mix weight), ...]``.
+    """
 
     step: int
     timestep: float
     noise_level: float
     weights: Optional[dict[str, float]]
+    mix: Optional[list[tuple[dict[str, float], float]]] = None
 
 
 @dataclass
@@ -226,6 +231,41 @@ def check_frames(model: I2VModel, frames: Any) -> int:
     return _check_int("frames", frames, lo, hi)
 
 
+# -- prediction mixing ---------------------------------------------------------------------------
+def mixing_forward(forward: Callable[..., Any], patcher: WeightPatcher, calls: Callable[[Any], list],
+                   timestep_of: Callable[[tuple, dict], Any]) -> Callable[..., Any]:
+    """Wrap a denoiser's ``forward`` so that one call runs every model of a prediction mix.
+
+    For the step's ``calls(timestep) = [(delta weights, mix), ...]`` it sets each model's
+    weights with ``patcher.set_weights`` (written only when they change), runs ``forward`` and
+    returns ``sum_k mix_k * prediction_k`` (accumulated in fp32, returned in the prediction's
+    dtype). Denoisers are called with ``return_dict=False`` by the pipelines: the prediction is
+    element 0 of the returned tuple.
+    """
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        plan = calls(timestep_of(args, kwargs))
+        if len(plan) == 1 and plan[0][1] == 1.0:
+            patcher.set_weights(plan[0][0])
+            return forward(*args, **kwargs)
+        acc, dtype = None, None
+        for weights, mix in plan:
+            patcher.set_weights(weights)
+            out = forward(*args, **kwargs)
+            if not isinstance(out, tuple):
+                raise TypeError("prediction mixing expects the denoiser to be called with return_dict=False")
+            pred = out[0]
+            dtype = pred.dtype
+            acc = pred.float().mul(mix) if acc is None else acc.add_(pred.float(), alpha=mix)
+        return (acc.to(dtype),)
+
+    return run
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> Any:
+    return kwargs["timestep"] if "timestep" in kwargs else args[1]
+
+
 # -- the motion embedding ----------------------------------------------------------------------
 @torch.no_grad()
 def _motion_embeddings(embedder: torch.nn.Module, obj: float, cam: float, cfg: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +324,9 @@ def sample(
         object_intensity / camera_intensity: motion scores 1..10 for ``motion_embedder``; both
             are required with an embedder and refused without one (a clear error rather than a
             silent no-op: a model without an embedder cannot follow them).
-        weight_schedule: ``merging.patcher.ScheduledWeights`` applied to the denoiser per step.
+        weight_schedule: ``merging.patcher.ScheduledWeights`` applied to the denoiser per step
+            (weight patching), or, for a prediction-mixing schedule (``PredictionBlend``), one
+            denoiser run per model with the predictions mixed (costs one run per model).
         motion_embedder: module ``(object [B], camera [B]) -> [B, time_embed_dim]`` added to the
             timestep embedding for both CFG halves.
         progress: ``progress(step, total)`` after every step; raising from it cancels the run.
@@ -338,14 +380,18 @@ def sample(
         if motion_embedder is not None else None
     )
 
+    mixing = weight_schedule is not None and weight_schedule.mode == "predictions"
+
     def before_denoiser(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        t = _timestep_of(args, kwargs)
         level = model.noise_level(t)
-        used = None
-        if patcher is not None:
+        used, mix = None, None
+        if mixing:
+            mix = weight_schedule.calls(level)
+        elif patcher is not None:
             patcher.apply(level)
             used = patcher.current_weights
-        trace.append(StepTrace(len(trace), float(torch.as_tensor(t).reshape(-1)[0]), level, used))
+        trace.append(StepTrace(len(trace), float(torch.as_tensor(t).reshape(-1)[0]), level, used, mix))
 
     extras: dict[tuple, torch.Tensor] = {}  # the [N, D] addend, built once per batch size/dtype/device
 
@@ -370,11 +416,22 @@ def sample(
         return kwargs
 
     handles = []
+    wrapped = False
+    # accelerate's offload hooks install their own instance-level forward: wrap whatever
+    # forward is current and put exactly that back.
+    own_forward = denoiser.__dict__.get("forward")
     try:
         with ExitStack() as stack:
             if patcher is not None:
                 stack.enter_context(patcher)
             handles.append(denoiser.register_forward_pre_hook(before_denoiser, with_kwargs=True))
+            if mixing:
+                # An instance attribute shadows the class's forward for this call only; nn.Module's
+                # __call__ still runs the hooks around it. Removed in `finally`.
+                denoiser.forward = mixing_forward(
+                    denoiser.forward, patcher,
+                    lambda t: weight_schedule.calls(model.noise_level(t)), _timestep_of)
+                wrapped = True
             if embeds is not None:
                 handles.append(model.time_embedding.register_forward_hook(add_motion))
             common = dict(height=h, width=w, num_frames=n_frames, num_inference_steps=n_steps, generator=generator,
@@ -387,6 +444,11 @@ def sample(
                                      guidance_scale=cfg,
                                      max_sequence_length=int(denoiser.config.max_text_seq_length), **common)
     finally:
+        if wrapped:
+            if own_forward is not None:
+                denoiser.forward = own_forward
+            else:
+                del denoiser.forward
         for hd in handles:
             hd.remove()
 

@@ -115,8 +115,9 @@ def test_validation_errors():
         WeightPatcher(net, ScheduledWeights({"d": {"0.weight": torch.zeros(3)}}, Constant({"d": 1.0})))
     with pytest.raises(PatchError, match=r"uses delta\(s\) \['control'\]"):
         ScheduledWeights({"dynamics": good["dynamics"]}, HardSwitch())
-    with pytest.raises(PatchError, match="mixes predictions"):
-        ScheduledWeights(good, PredictionBlend(HardSwitch()))
+    with WeightPatcher(net, ScheduledWeights(good, PredictionBlend(HardSwitch()))) as p:
+        with pytest.raises(PatchError, match="mixes predictions: use calls"):
+            p.apply(0.5)
     with pytest.raises(PatchError, match="non-empty"):
         ScheduledWeights({}, Constant({"d": 1.0}))
     with pytest.raises(PatchError, match="floating-point tensor"):
@@ -163,3 +164,20 @@ def test_chunked_arithmetic_matches_whole_tensor_fp32(monkeypatch, dtype):
     got_t = static_merge(tb, [(d1.reshape(25, 40).t(), 0.5)])
     expect_t = (tb.float() + 0.5 * d1.reshape(25, 40).t()).to(dtype)
     torch.testing.assert_close(got_t, expect_t, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_calls_for_weight_and_prediction_schedules():
+    net = _net()
+    good = _deltas(net)
+    sw = ScheduledWeights(good, HardSwitch(switch=0.5))
+    assert sw.mode == "weights"
+    assert sw.calls(0.7) == [({"dynamics": 1.0, "control": 0.0}, 1.0)]
+    pb = ScheduledWeights(good, PredictionBlend(LinearBlend(), strengths={"dynamics": 0.5}))
+    assert pb.mode == "predictions"
+    calls = pb.calls(0.25)  # LinearBlend: dynamics share = level
+    assert calls == [({"dynamics": 0.5, "control": 0.0}, 0.25), ({"dynamics": 0.0, "control": 1.0}, 0.75)]
+    assert pb.calls(1.0) == [({"dynamics": 0.5, "control": 0.0}, 1.0)]
+    with WeightPatcher(net, pb) as p:
+        assert p.set_weights({"control": 1.0}) and not p.set_weights({"control": 1.0, "dynamics": 0.0})
+        with pytest.raises(PatchError, match="unknown"):
+            p.set_weights({"other": 1.0})

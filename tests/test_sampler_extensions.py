@@ -311,3 +311,64 @@ def test_embedder_with_wrong_width_is_refused(cog):
     with pytest.raises(ValueError, match=r"expected \[1, 16\]"):
         sample(cog, IMG, "x", motion_embedder=_ConstEmbedder(7, 1.0), object_intensity=5, camera_intensity=5, **RUN)
     _no_hooks_left(cog)
+
+
+# -- prediction-mixing schedules -----------------------------------------------------------------
+def test_prediction_blend_hard_switch_equals_weight_hard_switch(cog):
+    from merging.schedule import PredictionBlend
+
+    den = cog.denoiser
+    base = _snapshot(den)
+    deltas = _random_deltas(den, every=2)
+    a = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch()), **RUN)
+    b = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, PredictionBlend(HardSwitch())), **RUN)
+    assert torch.equal(a.frames, b.frames)  # one model per step, mix weight 1: the same run
+    assert [s.mix for s in b.trace] == [[(s.weights, 1.0)] for s in a.trace]
+    assert "forward" not in den.__dict__
+    _assert_bit_identical(den, base)
+
+
+def test_prediction_blend_mixes_two_models(cog):
+    from merging.schedule import LinearBlend, PredictionBlend
+
+    den = cog.denoiser
+    base = _snapshot(den)
+    deltas = _random_deltas(den, every=2, scale=0.2)
+    sched = ScheduledWeights(deltas, PredictionBlend(LinearBlend()))
+    v = sample(cog, IMG, "x", weight_schedule=sched, **dict(RUN, steps=2))
+    assert "forward" not in den.__dict__
+    _assert_bit_identical(den, base)
+    # (the mixing arithmetic itself: test_mixing_forward_math)
+    lv = v.trace[0].noise_level
+    assert v.trace[0].mix == [({"dynamics": 1.0, "control": 0.0}, lv), ({"dynamics": 0.0, "control": 1.0}, 1 - lv)]
+    assert v.settings["weight_writes"] == 4  # two models per step, each written once per step
+
+
+def test_mixing_forward_math():
+    from merging.patcher import WeightPatcher
+    from pipelines.sampling import mixing_forward
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    deltas = {"a": {"weight": torch.randn(3, 4)}, "b": {"bias": torch.randn(3)}}
+
+    class Plan:
+        names = ("a", "b")
+        mode = "predictions"
+
+        def weights(self, level):
+            return {"a": 0.3, "b": 0.7}
+
+        def models(self, level):
+            return [({"a": 2.0}, 0.3), ({"b": 1.0}, 0.7)]
+
+    x = torch.randn(5, 4)
+    base_w, base_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    expect = 0.3 * torch.nn.functional.linear(x, base_w + 2.0 * deltas["a"]["weight"], base_b) + \
+        0.7 * torch.nn.functional.linear(x, base_w, base_b + deltas["b"]["bias"])
+    sw = ScheduledWeights(deltas, Plan())
+    with WeightPatcher(lin, sw) as p:
+        fwd = mixing_forward(lambda x, t: (lin(x),), p, lambda t: sw.calls(0.5), lambda a, kw: a[1])
+        (out,) = fwd(x, 0)
+    torch.testing.assert_close(out, expect)
+    assert torch.equal(lin.weight, base_w) and torch.equal(lin.bias, base_b)
