@@ -62,15 +62,27 @@ def _wait_for_checkpoint(out, n, proc, timeout=60):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
+    # Three children at once (start-up dominates): a reference run, one to SIGKILL, one to Ctrl-C.
     ref = _start(tmp_path, tmp_path / "ref", 0.0)
-    killed_out = tmp_path / "killed"
+    killed_out, int_out = tmp_path / "killed", tmp_path / "sigint"
     p = _start(tmp_path, killed_out, 0.05)
+    pi = _start(tmp_path, int_out, 0.05)
     _wait_for_checkpoint(killed_out, 6, p)
     time.sleep(0.07)  # somewhere inside a step (or a checkpoint write)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (killed_out / "report.json").exists()
     resumed = _start(tmp_path, killed_out, 0.0)
+
+    # Ctrl-C: the child finishes its step, saves, reports "interrupted" and exits 130.
+    _wait_for_checkpoint(int_out, 3, pi)
+    pi.send_signal(signal.SIGINT)
+    text, _ = pi.communicate(timeout=120)
+    assert pi.returncode == 130, text
+    rep = json.load(open(int_out / "report.json"))
+    assert rep["status"] == "interrupted" and rep["steps_done"] < 24
+    assert os.path.isdir(int_out / "checkpoints" / f"step_{rep['steps_done']:08d}")
+
     out_r, _ = resumed.communicate(timeout=120)
     out_ref, _ = ref.communicate(timeout=120)
     assert resumed.returncode == 0, out_r
@@ -83,15 +95,3 @@ def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rep = json.load(open(killed_out / "report.json"))
     assert rep["status"] == "completed" and rep["steps_done"] == 24 and rep["sessions"][0]["started_at_step"] >= 6
-
-    # Ctrl-C: the child finishes its step, saves, reports "interrupted" and exits 130.
-    out_i = tmp_path / "sigint"
-    p = _start(tmp_path, out_i, 0.05)
-    _wait_for_checkpoint(out_i, 3, p)
-    p.send_signal(signal.SIGINT)
-    text, _ = p.communicate(timeout=60)
-    assert p.returncode == 130, text
-    rep = json.load(open(out_i / "report.json"))
-    assert rep["status"] == "interrupted"
-    step = rep["steps_done"]
-    assert os.path.isdir(out_i / "checkpoints" / f"step_{step:08d}")
