@@ -414,9 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # our errors are ValueError subclasses with clear messages
         print(f"train_adapter: error: {e}", file=sys.stderr)
         return 2
-    print(f"{result.status} at step {result.step}; report: {result.report_path}")
-    for name, path in (result.report.get("files") or {}).items():
-        print(f"  {name}: {path}")
+    if result.report_path:  # the main process (accelerate launch runs several)
+        print(f"{result.status} at step {result.step}; report: {result.report_path}")
+        for name, path in (result.report.get("files") or {}).items():
+            print(f"  {name}: {path}")
     return 0 if result.status == "completed" else 130
 
 
