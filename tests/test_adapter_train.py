@@ -158,9 +158,14 @@ def test_cogvideox_lora_and_temporal(tmp_path, tiny_model_dir, stage1):
     data = write_pan_dataset(str(tmp_path / "clips"), frames=9)
     for mode in ("lora", "temporal"):
         cfg = Stage1Config(model=cog, data=data, frames=9, trainable=mode if mode == "lora" else "auto",
-                           rank=2, write_model=False)
+                           rank=2, write_model=False, new_lr=1e-2 if mode == "lora" else None)
         task, info = build(cfg, preload=True)
         assert info["trainable"] == mode
+        if mode == "lora":  # factors start from scratch: their own learning rate
+            named = dict(task.model.named_parameters())
+            groups = task.param_groups({n: p for n, p in named.items() if n.startswith("lora.") or n.endswith("to_q.weight")})
+            assert groups[0]["lr"] == 1e-2 and all(p.dim() == 2 for p in groups[0]["params"])
+            assert "lr" not in groups[1]
         assert task.model.adapter is None
         res = run(task, _runner(tmp_path / mode, 2, lr=1e-2), log=lambda s: None)
         assert "adapter" not in res.report["files"]

@@ -58,6 +58,8 @@ class Stage1Config:
         caption_dropout: probability of training on the empty prompt instead of the caption, so
             classifier-free guidance on the text works at sampling time.
         fps: SVD's fps conditioning during training.
+        new_lr: learning rate of the parameters that start from scratch (adapter, low-rank
+            factors); ``None`` = the runner's ``lr``. The pretrained weights keep the runner's ``lr``.
         write_model: also write the fine-tuned model as a complete diffusers folder
             (``finetuned/merged``: base + delta, in the base's dtype) for ``merging.build --finetuned``.
     """
@@ -77,6 +79,7 @@ class Stage1Config:
     batch_size: int = 1
     caption_dropout: float = 0.1
     fps: int = 7
+    new_lr: float | None = None
     write_model: bool = True
 
 
@@ -289,8 +292,15 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
     config = {**{k: v for k, v in asdict(cfg).items() if k != "write_model"}, "trainable": mode, "frames": frames, "height": height, "width": width,
               "model": os.path.abspath(cfg.model), "data": os.path.abspath(cfg.data),
               "text_encoder": os.path.abspath(cfg.text_encoder) if cfg.text_encoder else None}
+    param_groups = None
+    if cfg.new_lr is not None:
+        def param_groups(named: dict[str, nn.Parameter]) -> list[dict]:
+            new = [p for n, p in named.items() if not n.startswith("denoiser.")]
+            old = [p for n, p in named.items() if n.startswith("denoiser.")]
+            return [g for g in ({"params": new, "lr": cfg.new_lr}, {"params": old}) if g["params"]]
+
     task = TrainTask(name="adapter", model=module, batch_fn=batch_fn, loss_fn=loss_fn, trainable=pred,
-                     save_fn=save_fn, config=config)
+                     save_fn=save_fn, config=config, param_groups=param_groups)
     info = {"model": model, "trainable": mode, "dataset": dataset, "fingerprint": base_fp,
             "trained_keys": trained_keys}
     return task, info
@@ -376,6 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=7, help="SVD fps conditioning (default 7)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    p.add_argument("--new-lr", type=float,
+                   help="learning rate of the adapter / low-rank factors, which start from scratch (default: --lr)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"))
     p.add_argument("--grad-accum", type=int, default=1)
@@ -401,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scope=args.scope, rank=args.rank, lora_alpha=args.lora_alpha, num_queries=args.num_queries,
         num_heads=args.num_heads, frames=args.frames, height=args.height, width=args.width,
         batch_size=args.batch_size, caption_dropout=args.caption_dropout, fps=args.fps,
-        write_model=not args.no_model,
+        new_lr=args.new_lr, write_model=not args.no_model,
     )
     runner = RunnerConfig(
         out_dir=args.out, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
