@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ScheduledWeights", "WeightPatcher", "PatchError", "static_merge"]
+__all__ = ["ScheduledWeights", "ScheduledPredictions", "WeightPatcher", "PatchError", "static_merge"]
 
 
 class PatchError(ValueError):
@@ -94,14 +94,22 @@ class ScheduledWeights:
             Names it returns must be in ``deltas``; deltas it does not mention get weight 0.
     """
 
+    _mode = "weights"
+
     def __init__(self, deltas: Mapping[str, Mapping[str, torch.Tensor]], schedule: Any) -> None:
         if not isinstance(deltas, Mapping) or not deltas:
-            raise PatchError("ScheduledWeights needs a non-empty mapping {delta name: {key: tensor}}")
+            raise PatchError(f"{type(self).__name__} needs a non-empty mapping {{delta name: {{key: tensor}}}}")
         if not callable(getattr(schedule, "weights", None)):
             raise PatchError(f"schedule must have a weights(noise_level) method, got {type(schedule).__name__}")
         self.mode = getattr(schedule, "mode", "weights")
-        if self.mode not in ("weights", "predictions"):
-            raise PatchError(f"{type(schedule).__name__} has unknown mode {self.mode!r} (expected weights/predictions)")
+        if self.mode != self._mode:
+            if self.mode == "predictions":
+                raise PatchError(
+                    f"{type(schedule).__name__} mixes predictions (mode 'predictions'); it cannot be applied by "
+                    "patching weights: use merging.patcher.ScheduledPredictions(deltas, schedule)"
+                )
+            raise PatchError(f"{type(self).__name__} needs a schedule of mode {self._mode!r}, "
+                             f"{type(schedule).__name__} has mode {self.mode!r}")
         if self.mode == "predictions" and not callable(getattr(schedule, "models", None)):
             raise PatchError(f"{type(schedule).__name__} mixes predictions but has no models(noise_level) method")
         self.deltas: dict[str, Mapping[str, torch.Tensor]] = {}
@@ -166,6 +174,17 @@ class ScheduledWeights:
         if not out:
             raise PatchError(f"the schedule asked for no denoiser call at level {noise_level}")
         return out
+
+
+class ScheduledPredictions(ScheduledWeights):
+    """Named deltas plus a prediction-mixing schedule (``merging.schedule.PredictionBlend``).
+
+    Each step runs one model per non-zero mix weight (``calls(level)``), each with weights
+    ``W_base + sum_k w_k delta_k`` set by a ``WeightPatcher``, and mixes their predictions:
+    ``sum_k mix_k * prediction_k``. ``pipelines.sample`` accepts it as ``weight_schedule``.
+    """
+
+    _mode = "predictions"
 
 
 class WeightPatcher:

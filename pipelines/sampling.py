@@ -325,8 +325,8 @@ def sample(
             are required with an embedder and refused without one (a clear error rather than a
             silent no-op: a model without an embedder cannot follow them).
         weight_schedule: ``merging.patcher.ScheduledWeights`` applied to the denoiser per step
-            (weight patching), or, for a prediction-mixing schedule (``PredictionBlend``), one
-            denoiser run per model with the predictions mixed (costs one run per model).
+            (weight patching), or ``merging.patcher.ScheduledPredictions`` (a ``PredictionBlend``:
+            one denoiser run per model, predictions mixed; costs one run per model).
         motion_embedder: module ``(object [B], camera [B]) -> [B, time_embed_dim]`` added to the
             timestep embedding for both CFG halves.
         progress: ``progress(step, total)`` after every step; raising from it cancels the run.

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from merging.patcher import PatchError, ScheduledWeights, WeightPatcher, static_merge
+from merging.patcher import PatchError, ScheduledPredictions, ScheduledWeights, WeightPatcher, static_merge
 from merging.schedule import Constant, HardSwitch, LinearBlend, PredictionBlend
 
 
@@ -115,7 +115,11 @@ def test_validation_errors():
         WeightPatcher(net, ScheduledWeights({"d": {"0.weight": torch.zeros(3)}}, Constant({"d": 1.0})))
     with pytest.raises(PatchError, match=r"uses delta\(s\) \['control'\]"):
         ScheduledWeights({"dynamics": good["dynamics"]}, HardSwitch())
-    with WeightPatcher(net, ScheduledWeights(good, PredictionBlend(HardSwitch()))) as p:
+    with pytest.raises(PatchError, match="mixes predictions .* use merging.patcher.ScheduledPredictions"):
+        ScheduledWeights(good, PredictionBlend(HardSwitch()))
+    with pytest.raises(PatchError, match="needs a schedule of mode 'predictions'"):
+        ScheduledPredictions(good, HardSwitch())
+    with WeightPatcher(net, ScheduledPredictions(good, PredictionBlend(HardSwitch()))) as p:
         with pytest.raises(PatchError, match="mixes predictions: use calls"):
             p.apply(0.5)
     with pytest.raises(PatchError, match="non-empty"):
@@ -172,7 +176,7 @@ def test_calls_for_weight_and_prediction_schedules():
     sw = ScheduledWeights(good, HardSwitch(switch=0.5))
     assert sw.mode == "weights"
     assert sw.calls(0.7) == [({"dynamics": 1.0, "control": 0.0}, 1.0)]
-    pb = ScheduledWeights(good, PredictionBlend(LinearBlend(), strengths={"dynamics": 0.5}))
+    pb = ScheduledPredictions(good, PredictionBlend(LinearBlend(), strengths={"dynamics": 0.5}))
     assert pb.mode == "predictions"
     calls = pb.calls(0.25)  # LinearBlend: dynamics share = level
     assert calls == [({"dynamics": 0.5, "control": 0.0}, 0.25), ({"dynamics": 0.0, "control": 1.0}, 0.75)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from merging.patcher import ScheduledWeights, static_merge
+from merging.patcher import ScheduledPredictions, ScheduledWeights, static_merge
 from merging.schedule import Constant, HardSwitch
 from pipelines import load_model, sample
 
@@ -321,7 +321,7 @@ def test_prediction_blend_hard_switch_equals_weight_hard_switch(cog):
     base = _snapshot(den)
     deltas = _random_deltas(den, every=2)
     a = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch()), **RUN)
-    b = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, PredictionBlend(HardSwitch())), **RUN)
+    b = sample(cog, IMG, "x", weight_schedule=ScheduledPredictions(deltas, PredictionBlend(HardSwitch())), **RUN)
     assert torch.equal(a.frames, b.frames)  # one model per step, mix weight 1: the same run
     assert [s.mix for s in b.trace] == [[(s.weights, 1.0)] for s in a.trace]
     assert "forward" not in den.__dict__
@@ -334,7 +334,7 @@ def test_prediction_blend_mixes_two_models(cog):
     den = cog.denoiser
     base = _snapshot(den)
     deltas = _random_deltas(den, every=2, scale=0.2)
-    sched = ScheduledWeights(deltas, PredictionBlend(LinearBlend()))
+    sched = ScheduledPredictions(deltas, PredictionBlend(LinearBlend()))
     v = sample(cog, IMG, "x", weight_schedule=sched, **dict(RUN, steps=2))
     assert "forward" not in den.__dict__
     _assert_bit_identical(den, base)
@@ -366,7 +366,7 @@ def test_mixing_forward_math():
     base_w, base_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     expect = 0.3 * torch.nn.functional.linear(x, base_w + 2.0 * deltas["a"]["weight"], base_b) + \
         0.7 * torch.nn.functional.linear(x, base_w, base_b + deltas["b"]["bias"])
-    sw = ScheduledWeights(deltas, Plan())
+    sw = ScheduledPredictions(deltas, Plan())
     with WeightPatcher(lin, sw) as p:
         fwd = mixing_forward(lambda x, t: (lin(x),), p, lambda t: sw.calls(0.5), lambda a, kw: a[1])
         (out,) = fwd(x, 0)
