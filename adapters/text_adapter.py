@@ -395,8 +395,12 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise AdapterError(
             f"{path}: not a MotionDial text adapter (format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})"
         )
-    if int(meta.get("version", "0")) > ADAPTER_VERSION:
-        raise AdapterError(f"{path}: adapter format version {meta['version']} is newer than this MotionDial")
+    try:
+        version = int(meta.get("version", "0"))
+    except ValueError:
+        raise AdapterError(f"{path}: malformed adapter version {meta.get('version')!r}") from None
+    if version > ADAPTER_VERSION:
+        raise AdapterError(f"{path}: adapter format version {version} is newer than this MotionDial")
     return meta
 
 
@@ -419,8 +423,14 @@ def load_adapter(
 
     path = os.fspath(path)
     meta = read_adapter_metadata(path)
-    config = AdapterConfig.from_json(meta["config"])
-    recorded = json.loads(meta.get("base_fingerprint") or "{}")
+    try:
+        config = AdapterConfig.from_json(meta["config"])
+        recorded = json.loads(meta.get("base_fingerprint") or "{}")
+        text_info = json.loads(meta.get("text_encoder") or "{}")
+    except AdapterError as e:
+        raise AdapterError(f"{path}: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path}: malformed adapter metadata ({type(e).__name__}: {e})") from None
     if base_fingerprint is not None and recorded:
         from merging.fingerprint import check_fingerprint
 
@@ -441,5 +451,5 @@ def load_adapter(
         adapter=adapter,
         path=path,
         base_fingerprint=recorded,
-        text_encoder=json.loads(meta.get("text_encoder") or "{}"),
+        text_encoder=text_info,
     )
