@@ -124,6 +124,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, data, tmp_
     assert any(v.abs().sum() > 0 for v in load_file(str(tmp_path / "a" / "transformer_delta.safetensors")).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,trainable,frames", [("cogvideox1.5-i2v", "lora", 9), ("svd", "embedder", 4)])
 def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, tmp_path, family, trainable, frames):
     from merging.deltas import load_delta
@@ -153,16 +154,35 @@ def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, 
     assert (lo - hi).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("family", ["cogvideox-i2v", "svd"])
-def test_fresh_embedder_leaves_sampling_bit_identical(tiny_model_dir, family):
+def test_fresh_embedder_leaves_sampling_bit_identical(tiny_model_dir):
     from motion.embedding import build_for_model
     from pipelines import load_model, sample
 
-    model = load_model(tiny_model_dir(family))
+    model = load_model(tiny_model_dir("cogvideox-i2v"))
     emb = build_for_model(model)
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    frames = 9 if family != "svd" else 3
-    base = sample(model, img, "a dog runs", frames=frames, steps=2, cfg=2.0, seed=1).frames
-    with_emb = sample(model, img, "a dog runs", frames=frames, steps=2, cfg=2.0, seed=1, motion_embedder=emb,
+    base = sample(model, img, "a dog runs", frames=9, steps=2, cfg=2.0, seed=1).frames
+    with_emb = sample(model, img, "a dog runs", frames=9, steps=2, cfg=2.0, seed=1, motion_embedder=emb,
                       object_intensity=9.0, camera_intensity=2.0).frames
     assert torch.equal(base, with_emb)
+
+
+def test_fresh_embedder_leaves_svd_unet_bit_identical(tiny_model_dir):
+    # SVD through the training hook at the denoiser (the sampler path is covered above for
+    # CogVideoX and by the SVD round trip): zero embedding -> identical UNet output.
+    from motion.embedding import build_for_model
+    from pipelines import load_model
+    from training.diffusion_loss import motion_hook
+
+    model = load_model(tiny_model_dir("svd"))
+    emb = build_for_model(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 16, 16, generator=g)
+    enc = torch.randn(2, 1, 32, generator=g)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
+    t = torch.tensor([0.3, -0.5])
+    with torch.no_grad():
+        base = model.denoiser(x, t, encoder_hidden_states=enc, added_time_ids=ids).sample
+        with motion_hook(model.time_embedding, emb, torch.tensor([1.0, 10.0]), torch.tensor([10.0, 1.0])):
+            hooked = model.denoiser(x, t, encoder_hidden_states=enc, added_time_ids=ids).sample
+    assert torch.equal(base, hooked)

@@ -140,15 +140,20 @@ class CogVideoXObjective(DiffusionObjective):
 
     @torch.no_grad()
     def _text(self, captions: list[str]) -> torch.Tensor:
-        # T5 is frozen: embed each distinct caption once (real data repeats captions rarely,
-        # but epochs do).
-        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if missing:
+        def embed(prompts: list[str]) -> torch.Tensor:
             emb, _ = self.pipe.encode_prompt(
-                prompt=missing, negative_prompt=None, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                prompt=prompts, negative_prompt=None, do_classifier_free_guidance=False, num_videos_per_prompt=1,
                 max_sequence_length=int(self.cfg.max_text_seq_length), device=self.device,
             )
-            for c, e in zip(missing, emb):
+            return emb
+
+        if self.cache is None:
+            # One caption's T5 output is 226 x 4096 floats (3.7 MB) on CogVideoX-5B: only small,
+            # in-memory data sets keep them.
+            return embed(list(captions))
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if missing:
+            for c, e in zip(missing, embed(missing)):
                 self._text_cache[c] = e.detach().to("cpu")
         return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
 

@@ -306,7 +306,7 @@ class MotionClipDataset(torch.utils.data.Dataset):
     clip's first ``frames`` frames, scaled and centre-cropped to ``height x width``),
     ``caption`` (str), ``object`` / ``camera`` (float32 scalars, 1..10), ``index``.
 
-    ``preload=True`` decodes all windows once (small data sets: tests, demos)."""
+    ``preload=True`` decodes all windows once and keeps them as uint8 (small data sets)."""
 
     def __init__(
         self,
@@ -332,13 +332,14 @@ class MotionClipDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _video(self, i: int) -> torch.Tensor:
+        """``[T, 3, H, W]`` uint8 (kept small in the preload cache)."""
         window, _ = load_window(self.records[i].path, self.frames)
         window = resize_crop(window, self.height, self.width)
-        v = torch.from_numpy(window).permute(0, 3, 1, 2).float()
-        return v / 127.5 - 1.0
+        return torch.from_numpy(np.ascontiguousarray(window)).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        video = self._cache[i] if i in self._cache else self._video(i)
+        raw = self._cache[i] if i in self._cache else self._video(i)
+        video = raw.float() / 127.5 - 1.0
         return {
             "video": video,
             "caption": self.records[i].caption,

@@ -72,6 +72,7 @@ class MotionTrainConfig:
     hidden: Optional[int] = None
     decoupled: bool = True
     preload: Optional[bool] = None
+    delta_dtype: str = "fp32"
     resume: str = "auto"
     progress: bool = True
 
@@ -168,6 +169,8 @@ def build_task(cfg: MotionTrainConfig, *, accelerator: Any = None, log=print) ->
     if cfg.trainable == "full" and cfg.dtype != "fp32":
         raise ValueError("--trainable full keeps fp32 weights for the optimiser: use --dtype fp32 "
                          "(--mixed-precision bf16 still computes in bf16)")
+    if cfg.delta_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--delta-dtype must be fp32 or bf16, got {cfg.delta_dtype!r}")
     if cfg.batch < 1 or cfg.grad_accum < 1:
         raise ValueError(f"--batch and --grad-accum must be >= 1, got {cfg.batch} and {cfg.grad_accum}")
     device = accelerator.device if accelerator is not None else "cpu"
@@ -190,7 +193,9 @@ def build_task(cfg: MotionTrainConfig, *, accelerator: Any = None, log=print) ->
         accelerator.wait_for_everyone()
     if not main:
         scores = compute_scores(records, frames=frames, estimator=cfg.estimator, cache_path=cache, progress=False)
-    preload = cfg.preload if cfg.preload is not None else len(records) <= 64
+    # Keep decoded windows (uint8) and the frozen encoders' outputs in memory when the data set
+    # is small: <= 512 MiB of frames (e.g. 64 clips of 9 x 256 x 256, 7 clips of 49 x 480 x 720).
+    preload = cfg.preload if cfg.preload is not None else len(records) * frames * height * width * 3 <= 512 * 2**20
     dataset = MotionClipDataset(records, scores, frames=frames, height=height, width=width, preload=preload)
 
     base_fp = model.fingerprint()
@@ -254,7 +259,7 @@ def build_task(cfg: MotionTrainConfig, *, accelerator: Any = None, log=print) ->
                 os.path.join(out_dir, delta_name), tensors, name="motion", base_fingerprint=base_fp,
                 recipe=f"train_motion:{cfg.trainable}", params=_task_config(cfg, frames, height, width, estimator_id(cfg.estimator)),
                 seed=cfg.seed, scope="lora" if cfg.trainable == "lora" else "all", family=family,
-                dtype=torch.float32, overwrite=True,
+                dtype=torch.bfloat16 if cfg.delta_dtype == "bf16" else torch.float32, overwrite=True,
             )
         files["embedder"] = save_motion_embedder(
             m.embedder, os.path.join(out_dir, EMBEDDER_FILE),
@@ -336,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-freqs", type=int, default=6, help="sinusoidal frequencies per score")
     p.add_argument("--hidden", type=int, default=None, help="embedder MLP width (default clamp(D/2, 32, 512))")
     p.add_argument("--joint", action="store_true", help="non-decoupled embedder: one MLP on both scores (ablation)")
+    p.add_argument("--delta-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="storage of the transformer delta (bf16 halves the file; the sampler adds it in fp32)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in OUT and start over")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -351,6 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints, seed=a.seed,
         lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, num_freqs=a.num_freqs, hidden=a.hidden,
         decoupled=not a.joint, resume="fresh" if a.fresh else "auto", progress=not a.no_progress,
+        delta_dtype=a.delta_dtype,
     )
     try:
         result = train_motion(cfg)
