@@ -1,0 +1,288 @@
+"""Train the demo model from scratch: ``python -m training.train_demo --out DIR --seed 0``.
+
+Two stages on the shared runner (``training.runner``: progress, checkpoints, resume after a
+kill by running the same command again, ``report.json`` per stage):
+
+1. ``vae``: the demo VAE (``training.demo_model``) as a plain autoencoder on demo frames
+   (MSE + a tiny KL term), then its ``scaling_factor`` = 1 / std of the latents. Writes
+   ``DIR/vae/model`` (the whole SVD folder with a random UNet): the base of stage 2.
+2. ``motion``: the UNet (all of it) and a decoupled ``motion.embedding.MotionScoreEmbedding``
+   together, with SVD's own EDM loss (``training.diffusion_loss.SVDObjective``) on demo clips
+   (``training.demo_data``: fixed directions, requested scores). Optional periodic
+   controllability checks (``training.demo_control``) go into the report's evals.
+
+Outputs: ``DIR/model`` (diffusers folder, loads with ``pipelines.load_model``) and
+``DIR/motion_embedder.safetensors`` (fingerprinted for ``DIR/model``), plus ``DIR/summary.json``.
+Everything is a pure function of ``--seed`` and the settings (same machine and thread count:
+bit-identical). ``--minutes M`` stops stage 2 after M minutes of this session and exports what
+was trained so far (re-run without it, or with more, to continue from the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.demo_data import DemoClipDataset, DemoDataConfig
+from training.demo_model import DemoModelConfig, build_demo_pipeline, save_pipeline_atomic
+
+EMBEDDER_FILE = "motion_embedder.safetensors"
+
+
+@dataclass
+class DemoTrainConfig:
+    """Settings of ``train_demo`` (defaults: the recipe of docs/demo_model.md)."""
+
+    out: str
+    seed: int = 0
+    model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    clips: int = 2048
+    vae_steps: int = 300
+    vae_batch: int = 4
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    steps: int = 4000
+    batch: int = 8
+    lr: float = 5e-4
+    embedder_lr: float = 2e-3
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_images: int = 2
+    eval_steps: int = 10
+    minutes: Optional[float] = None
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """What shapes a stage's trajectory (a resume with other values is refused)."""
+        common = {"seed": self.seed, "model": self.model.to_json(), "data": self.data.to_json(), "clips": self.clips}
+        if stage == "vae":
+            return {**common, "vae_batch": self.vae_batch, "vae_kl": self.vae_kl}
+        return {**common, "batch": self.batch, "embedder_lr": self.embedder_lr}
+
+
+# -- stage 1: the autoencoder ------------------------------------------------------------------
+def _vae_task(cfg: DemoTrainConfig, pipe: Any, data: DemoClipDataset):
+    from training.runner import RunnerConfig, TrainTask
+
+    vae = pipe.vae
+    t = cfg.data.frames
+
+    def batch_fn(ctx: Any) -> dict:
+        idx = ctx.rng.integers(0, len(data), size=cfg.vae_batch)
+        return {"video": torch.stack([data[int(i)]["video"] for i in idx]), "seed": int(ctx.rng.integers(0, 2**62))}
+
+    def loss_fn(m: nn.Module, batch: dict):
+        x = batch["video"].flatten(0, 1)  # [B*T, 3, H, W] in -1..1
+        g = torch.Generator().manual_seed(batch["seed"])
+        dist = m.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        rec = m.decode(z, num_frames=t).sample
+        mse = torch.mean((rec - x) ** 2)
+        kl = dist.kl().mean() / z[0].numel()
+        return mse + cfg.vae_kl * kl, {"mse": float(mse.detach()), "kl": float(kl.detach())}
+
+    def save_fn(m: nn.Module, out_dir: str) -> dict[str, str]:
+        m.eval()
+        with torch.no_grad():
+            vids = torch.stack([data[i]["video"] for i in range(min(64, len(data)))]).flatten(0, 1)
+            lat = torch.cat([m.encode(v).latent_dist.mean for v in vids.split(64)])
+            rec = m.decode(lat[: 8 * t], num_frames=t).sample
+            psnr = float(10 * torch.log10(4.0 / torch.mean((rec - vids[: 8 * t]) ** 2)))
+        # SVD scales latents by scaling_factor for the UNet; unit variance suits its EDM sigmas.
+        m.register_to_config(scaling_factor=float(1.0 / lat.std()))
+        folder = save_pipeline_atomic(pipe, os.path.join(out_dir, "model"))
+        with open(os.path.join(out_dir, "vae_quality.json"), "w") as f:
+            json.dump({"psnr_db": psnr, "latent_std": float(lat.std()), "scaling_factor": float(1.0 / lat.std())}, f)
+        return {"model": folder}
+
+    task = TrainTask(name="demo_vae", model=vae, batch_fn=batch_fn, loss_fn=loss_fn, save_fn=save_fn,
+                     config=cfg.stage_config("vae"))
+    rcfg = RunnerConfig(out_dir=os.path.join(cfg.out, "vae"), steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed,
+                        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, lr_schedule="cosine", warmup_steps=20)
+    return task, rcfg
+
+
+# -- stage 2: the motion-conditioned UNet ------------------------------------------------------
+def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset):
+    from merging.fingerprint import fingerprint_state
+    from motion.embedding import MotionScoreEmbedding, save_motion_embedder
+    from pipelines import load_model
+    from training.diffusion_loss import SVDObjective
+    from training.motion_data import collate
+    from training.runner import RunnerConfig, TrainTask
+    from training.train_motion import MotionTrainModule
+
+    model = load_model(base_folder)
+    for comp in (model.vae, model.image_encoder):
+        comp.requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        embedder = MotionScoreEmbedding(model.time_embed_dim, family="svd")
+    objective = SVDObjective(model, fps=int(round(cfg.data.fps)), cache_encodings=True)
+    module = MotionTrainModule(objective, model.denoiser, embedder)
+    eval_images = None
+
+    def batch_fn(ctx: Any) -> dict:
+        idx = ctx.rng.integers(0, len(data), size=cfg.batch)
+        batch = collate([data[int(i)] for i in idx])
+        batch["seed"] = int(ctx.rng.integers(0, 2**62))
+        return batch
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        g = torch.Generator().manual_seed(batch["seed"])
+        enc = objective.encode(batch, g)
+        return m(enc, int(torch.randint(0, 2**62, (1,), generator=g)))
+
+    def eval_fn(m: nn.Module, step: int) -> dict[str, float]:
+        nonlocal eval_images
+        from training.demo_control import demo_first_frames, measure_control
+
+        if eval_images is None:
+            eval_images = demo_first_frames(cfg.eval_images, cfg.seed + 1000, cfg.data)
+        with torch.random.fork_rng(devices=[]):
+            res = measure_control(model, m.embedder, eval_images, levels=(1, 4, 7, 9), frames=cfg.data.frames,
+                                  steps=cfg.eval_steps, fps=cfg.data.fps, full_grid=False)
+        return {k: v for k, v in res.metrics().items()}
+
+    def save_fn(m: nn.Module, out_dir: str) -> dict[str, str]:
+        return export(cfg, model, m.embedder)
+
+    task = TrainTask(name="demo_motion", model=module, batch_fn=batch_fn, loss_fn=loss_fn,
+                     trainable=lambda n, p: n.startswith(("embedder.", "denoiser.")),
+                     eval_fn=eval_fn if cfg.eval_every else None, save_fn=save_fn,
+                     config=cfg.stage_config("motion"),
+                     param_groups=lambda named: [
+                         {"params": [p for n, p in named.items() if n.startswith("embedder.")], "lr": cfg.embedder_lr},
+                         {"params": [p for n, p in named.items() if not n.startswith("embedder.")], "lr": cfg.lr}])
+    rcfg = RunnerConfig(out_dir=os.path.join(cfg.out, "motion"), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                        warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
+                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, progress=cfg.progress)
+    return task, rcfg, model, module
+
+
+def export(cfg: DemoTrainConfig, model: Any, embedder: nn.Module) -> dict[str, str]:
+    """Write ``out/model`` (the trained diffusers folder) and ``out/motion_embedder.safetensors``
+    (its base fingerprint is the trained UNet's)."""
+    from merging.fingerprint import fingerprint_state
+    from motion.embedding import save_motion_embedder
+
+    folder = save_pipeline_atomic(model.pipeline, os.path.join(cfg.out, "model"))
+    embedder.base_fingerprint = fingerprint_state(model.denoiser.state_dict())
+    embedder.family = "svd"
+    path = save_motion_embedder(embedder, os.path.join(cfg.out, EMBEDDER_FILE),
+                                extra={"trained_by": "training.train_demo", "frames": cfg.data.frames,
+                                       "height": cfg.data.height, "width": cfg.data.width, "fps": cfg.data.fps})
+    return {"model": folder, "embedder": path}
+
+
+class _Deadline:
+    """Runner callback: a KeyboardInterrupt after ``minutes`` (the runner then checkpoints)."""
+
+    def __init__(self, minutes: Optional[float]) -> None:
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.hit = False
+
+    def __call__(self, step: int, total: int, logs: dict) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            self.hit = True
+            raise KeyboardInterrupt
+
+
+def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
+    """Run both stages (each resumes from its checkpoints). Returns the summary dict (also
+    written to ``out/summary.json``)."""
+    from training.checkpoint import atomic_write_json
+    from training.runner import run
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.perf_counter()
+    data = DemoClipDataset(cfg.clips, cfg.seed, cfg.data, progress=cfg.progress)
+    summary: dict[str, Any] = {"config": {**asdict(cfg), "model": cfg.model.to_json(), "data": cfg.data.to_json()}}
+
+    base = os.path.join(cfg.out, "vae", "model")
+    if not os.path.isfile(os.path.join(base, "model_index.json")):
+        pipe = build_demo_pipeline(cfg.model, cfg.seed)
+        task, rcfg = _vae_task(cfg, pipe, data)
+        res = run(task, rcfg, log=log)
+        summary["vae"] = {"status": res.status, "step": res.step, "final_loss": _last_loss(res.report)}
+        if res.status != "completed":
+            summary["status"] = "interrupted"
+            return summary
+    deadline = _Deadline(cfg.minutes)
+    task, rcfg, model, module = _motion_task(cfg, base, data)
+    try:
+        res = run(task, rcfg, log=log, callback=deadline)
+    finally:
+        pass
+    files = dict(res.report.get("files") or {})
+    if res.status != "completed" and deadline.hit:
+        files = export(cfg, model, module.embedder)  # the weights of the last completed step
+    summary.update(status=res.status if not deadline.hit else "stopped_by_minutes", step=res.step,
+                   steps=cfg.steps, files=files, final_loss=_last_loss(res.report),
+                   evals=res.report.get("evals"), wall_s=time.perf_counter() - t0)
+    atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+    return summary
+
+
+def _last_loss(report: dict, n: int = 50) -> Optional[float]:
+    losses = [e["loss"] for e in (report.get("losses") or [])][-n:]
+    return float(np.mean(losses)) if losses else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoTrainConfig(out="")
+    p = argparse.ArgumentParser(prog="python -m training.train_demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (model/, motion_embedder.safetensors, vae/, motion/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=d.clips, help="synthetic clips rendered into memory")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch, help="clips per autoencoder step (all their frames)")
+    p.add_argument("--steps", type=int, default=d.steps, help="stage-2 optimisation steps")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr, help="UNet learning rate (AdamW, cosine after warm-up)")
+    p.add_argument("--embedder-lr", type=float, default=d.embedder_lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="controllability check every N steps (0: off)")
+    p.add_argument("--minutes", type=float, default=None, help="stop stage 2 after this many minutes and export")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--frames", type=int, default=d.data.frames)
+    p.add_argument("--size", type=int, default=d.data.height, help="pixel side of the square clips")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    data = DemoDataConfig(frames=a.frames, height=a.size, width=a.size)
+    mcfg = DemoModelConfig(size=a.size, frames=a.frames)
+    cfg = DemoTrainConfig(out=a.out, seed=a.seed, model=mcfg, data=data, clips=a.clips, vae_steps=a.vae_steps, vae_batch=a.vae_batch,
+                          steps=a.steps, batch=a.batch, lr=a.lr, embedder_lr=a.embedder_lr, warmup_steps=a.warmup_steps,
+                          checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, minutes=a.minutes,
+                          threads=a.threads, progress=not a.no_progress)
+    try:
+        s = train_demo(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s.get('status')} at step {s.get('step')}; files: {s.get('files')}")
+    return 0 if s.get("status") in ("completed", "stopped_by_minutes") else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
