@@ -200,8 +200,10 @@ class TemporalTextAdapter(nn.Module):
     def fuse_block(self, index: int, hidden: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Concatenate each frame's text vector to its tokens and project back.
 
-        Computed as ``W_video @ h + (W_text @ v + b)`` — the same ``Linear`` on the concatenation,
-        without materialising the broadcast text channels for every token.
+        Computed as ``h + ((W_video - I) h + W_text v + b)``: the same ``Linear`` on the
+        concatenation, without materialising the broadcast text channels for every token, and with
+        the identity path kept out of the matmul — so an untrained adapter returns ``h`` bit for bit
+        even under bf16 autocast (where ``W_video h`` would round ``h`` to bf16).
 
         Args:
             index: which temporal block (position in ``config.block_names``).
@@ -217,12 +219,15 @@ class TemporalTextAdapter(nn.Module):
                 f"temporal block {self.config.block_names[index]!r} has {hidden.shape[-1]} channels, "
                 f"the adapter was built for {inner}: it belongs to another model"
             )
-        # No-ops when the adapter already lives with the UNet; keeps offloaded UNets working.
-        w = lin.weight.to(device=hidden.device, dtype=hidden.dtype)
+        w = lin.weight
+        eye = torch.eye(inner, device=w.device, dtype=w.dtype)
+        # .to(...) is a no-op when the adapter lives with the UNet; it keeps offloaded UNets working.
+        w_video = (w[:, :inner] - eye).to(device=hidden.device, dtype=hidden.dtype)
+        w_text = w[:, inner:].to(device=hidden.device, dtype=hidden.dtype)
         bias = lin.bias.to(device=hidden.device, dtype=hidden.dtype)
-        text_part = F.linear(vectors.to(device=hidden.device, dtype=hidden.dtype), w[:, inner:], bias)
+        text_part = F.linear(vectors.to(device=hidden.device, dtype=hidden.dtype), w_text, bias)
         text_part = text_part.reshape(-1, 1, inner)  # [B*F, 1, inner], frame-major like hidden
-        return F.linear(hidden, w[:, :inner]) + text_part
+        return hidden + (F.linear(hidden, w_video) + text_part).to(hidden.dtype)
 
 
 def _expand_text(text: torch.Tensor, negative: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -105,6 +105,24 @@ def test_fresh_adapter_is_bit_identical(unet):
     assert torch.equal(_run(unet, **x), base)
 
 
+def test_fresh_adapter_is_bit_identical_under_bf16_autocast(unet):
+    x = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = _run(unet, **x)
+        with attach(unet, TemporalTextAdapter.for_unet(unet, 32), torch.randn(1, 7, 32)):
+            out = _run(unet, **x)
+    assert torch.equal(out, base)
+
+
+def test_fuse_is_the_linear_on_the_concatenation(unet):
+    adapter = TemporalTextAdapter.for_unet(unet, 32)
+    _perturb(adapter)
+    hidden, vectors = torch.randn(2 * 3, 5, 32), torch.randn(2, 3, 32)
+    lin = adapter.fuse[0]
+    cat = torch.cat([hidden, vectors.reshape(6, 1, 32).expand(-1, 5, -1)], dim=-1)
+    torch.testing.assert_close(adapter.fuse_block(0, hidden, vectors), lin(cat), atol=1e-5, rtol=1e-5)
+
+
 def test_text_reaches_every_frame_and_block(unet):
     x = _inputs()
     adapter = TemporalTextAdapter.for_unet(unet, 32)
