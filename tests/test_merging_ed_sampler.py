@@ -64,14 +64,18 @@ def test_constant_schedule_equals_static_merge(ed, models):
     _, _, res = ed
     model = models["pre"]
     deltas = load_deltas(res.out_dir, model.fingerprint())
+    run = dict(RUN, steps=2)
+    frames = {}
     for name in ("dynamics", "control"):
-        scheduled = sample(model, _image(), "a boat", weight_schedule=ScheduledWeights(deltas, Constant({name: 1.0})), **RUN)
-        static = sample(models[name], _image(), "a boat", **RUN)
+        scheduled = sample(model, _image(), "a boat", weight_schedule=ScheduledWeights(deltas, Constant({name: 1.0})), **run)
+        static = sample(models[name], _image(), "a boat", **run)
         assert torch.equal(scheduled.frames, static.frames), name
-    # the deltas do change the result
-    assert not torch.equal(sample(model, _image(), "a boat", **RUN).frames, static.frames)
+        frames[name] = static.frames
+    # the two deltas do lead to different videos (the comparison above is not vacuous)
+    assert not torch.equal(frames["dynamics"], frames["control"])
 
 
+@pytest.mark.slow
 def test_hard_switch_equals_swapping_static_models(ed, models):
     _, _, res = ed
     model = models["pre"]
