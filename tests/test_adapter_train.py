@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import TextEncoderError, check_text_width, load_adapter, load_clip_text
+from adapters import AdapterError, TextEncoderError, check_text_width, load_adapter, load_clip_text
 from adapters.tiny import build_tiny_clip_text
 from training.adapter_data import write_pan_dataset
 from training.train_adapter import ADAPTER_FILE, DELTA_FILE, Stage1Config, Stage1Error, build, main
@@ -205,3 +205,21 @@ def test_bad_input_is_clear(stage1, tmp_path, tiny_model_dir):
         build(_cfg(stage1, text_encoder=str(tmp_path)))
     rc = main(["--model", stage1["svd"], "--data", str(no_caption), "--out", str(tmp_path / "o")])
     assert rc == 2 and not os.path.exists(tmp_path / "o")
+
+
+def test_adapter_only_leaves_the_unet_and_frame_policy(stage1, tmp_path):
+    from merging.deltas import load_delta
+    from training.runner import run
+
+    task, info = build(_cfg(stage1, trainable="adapter", frame_mismatch="error"), preload=True)
+    assert task.model.adapter.config.frame_mismatch == "error"
+    before = {k: v.clone() for k, v in task.model.adapter.state_dict().items()}
+    res = run(task, _runner(tmp_path / "a", 1), log=lambda s: None)
+    delta = load_delta(res.report["files"]["delta"], info["fingerprint"])
+    assert all(float(delta[k].abs().max()) == 0 for k in delta)  # the UNet did not train
+    after = task.model.adapter.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Frames other than the queries are refused by this adapter, naming both counts.
+    task, _ = build(_cfg(stage1, trainable="adapter", frame_mismatch="error", num_queries=16), preload=True)
+    with pytest.raises(AdapterError, match="16 per-frame queries but the video has 4 frames"):
+        run(task, _runner(tmp_path / "b", 1), log=lambda s: None)

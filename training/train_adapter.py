@@ -53,6 +53,8 @@ class Stage1Config:
         scope: regex over denoiser keys for ``temporal``/``lora`` (default: the family's temporal pattern).
         rank / lora_alpha: low-rank settings (update scaled by ``alpha / rank``; alpha defaults to rank).
         num_queries / num_heads: adapter shape (reference: 16 queries, 8 heads).
+        frame_mismatch: what the adapter does with a frame count other than ``num_queries``:
+            ``interpolate`` the queries linearly over time (default) or ``error``.
         frames / height / width: training window (default: the family's frame count and the model's size).
         batch_size: clips per micro-batch.
         caption_dropout: probability of training on the empty prompt instead of the caption, so
@@ -73,6 +75,7 @@ class Stage1Config:
     lora_alpha: float | None = None
     num_queries: int = 16
     num_heads: int = 8
+    frame_mismatch: str = "interpolate"
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -240,7 +243,8 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             adapter = TemporalTextAdapter.for_unet(
-                model.denoiser, clip.width, num_queries=cfg.num_queries, num_heads=cfg.num_heads
+                model.denoiser, clip.width, num_queries=cfg.num_queries, num_heads=cfg.num_heads,
+                frame_mismatch=cfg.frame_mismatch,
             ).to(model.device)
         check_text_width(adapter, clip)
         text_fn = _TextCache(clip, torch.device(model.device))
@@ -378,6 +382,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, help="low-rank updates: scale alpha/rank (default alpha = rank)")
     p.add_argument("--num-queries", type=int, default=16, help="adapter: per-frame queries (default 16)")
     p.add_argument("--num-heads", type=int, default=8, help="adapter: cross-attention heads (default 8)")
+    p.add_argument("--frame-mismatch", default="interpolate", choices=("interpolate", "error"),
+                   help="adapter: other frame counts than --num-queries interpolate the queries, or are refused")
     p.add_argument("--frames", type=int, help="frames per training clip (default: the family's)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -411,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Stage1Config(
         model=args.model, data=args.data, text_encoder=args.text_encoder, trainable=args.trainable,
         scope=args.scope, rank=args.rank, lora_alpha=args.lora_alpha, num_queries=args.num_queries,
-        num_heads=args.num_heads, frames=args.frames, height=args.height, width=args.width,
+        num_heads=args.num_heads, frame_mismatch=args.frame_mismatch, frames=args.frames, height=args.height, width=args.width,
         batch_size=args.batch_size, caption_dropout=args.caption_dropout, fps=args.fps,
         new_lr=args.new_lr, write_model=not args.no_model,
     )
