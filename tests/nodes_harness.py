@@ -128,7 +128,7 @@ def env() -> Env:
         models, inp, out = (os.path.join(root, n) for n in ("models", "input", "output"))
         for p in (models, inp, out):
             os.makedirs(p)
-        paths = make_models_dir(models)
+        paths = make_models_dir(models, task_vectors=True)
         had_nodes = "nodes" in sys.modules
         modules = stand_in.install(models, inp, out)
         pack = load_pack()

@@ -34,9 +34,6 @@ def _sample(env, model, image, **kw):
 
 
 def _task_vectors(env, model):
-    folder = os.path.join(env.models, "task_vectors", h.TASK_VECTORS)
-    if not os.path.isdir(folder):
-        h.run_api_graph(h.load_workflow("motiondial_build_ed_task_vectors", api=True))
     return env.by_id["MotionDialLoadTaskVectors"].execute(model=model, task_vectors_name=h.TASK_VECTORS)
 
 

@@ -45,20 +45,24 @@ def _check_video(graph, result):
 
 
 def test_build_ed_task_vectors_workflow(env):
-    # (d) first: it builds the set that workflow (b) loads.
     g = h.load_workflow("motiondial_build_ed_task_vectors", api=True)
+    r = h.run_api_graph(g)  # the session's models dir already holds this set: found, not rebuilt
+    assert r.outputs["1"][2].startswith("already built")
+    g["1"]["inputs"]["name"] = "ed_fresh"  # a real build
     r = h.run_api_graph(g)
     tv, schedule, summary = r.outputs["1"]
-    folder = os.path.join(env.models, "task_vectors", h.TASK_VECTORS)
+    folder = os.path.join(env.models, "task_vectors", "ed_fresh")
+    assert summary.startswith("built") and folder in summary and r.core.previews == [summary]
     assert sorted(tv.deltas) == ["control", "dynamics"] and tv.folder == folder
     assert os.path.isfile(os.path.join(folder, "dynamics.safetensors"))
     assert schedule.weights(0.9) == {"dynamics": 1.0, "control": 0.0}  # the ED reference hard switch
-    assert folder in summary and r.core.previews == [summary]
-    # A second run with the same inputs reuses the set instead of failing or rebuilding.
+    # same inputs again: reused, not rebuilt; other parameters under the same name: refused
     mtime = os.path.getmtime(os.path.join(folder, "dynamics.safetensors"))
-    r2 = h.run_api_graph(g)
-    assert r2.outputs["1"][2].startswith("already built")
+    assert h.run_api_graph(g).outputs["1"][2].startswith("already built")
     assert os.path.getmtime(os.path.join(folder, "dynamics.safetensors")) == mtime
+    g["1"]["inputs"]["dare_seed"] = 1
+    with pytest.raises(FileExistsError, match="already exists"):
+        h.run_api_graph(g)
 
 
 def test_dials_workflow(env):
@@ -71,8 +75,6 @@ def test_dials_workflow(env):
 
 
 def test_ed_schedule_workflow(env):
-    if not os.path.isdir(os.path.join(env.models, "task_vectors", h.TASK_VECTORS)):
-        h.run_api_graph(h.load_workflow("motiondial_build_ed_task_vectors", api=True))
     g = _fast(h.load_workflow("motiondial_i2v_ed_schedule", api=True))
     with_ed = _check_video(g, h.run_api_graph(g))
     # The task vectors change the result; strengths 0 give back the plain model.

@@ -180,7 +180,7 @@ def graph_build() -> Graph:
               ("a_dyn", 0.25), ("b_dyn", 0.75), ("a_con", 1.0), ("b_con", 0.25), ("drop_rate", 0.7), ("dare_seed", 0),
               ("scope", "all"), ("overwrite", False)],
              outputs=[("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE"), ("summary", "STRING")]),
-        Node(3, "PreviewAny", (40, 430), (360, 120), sockets=[("source", "*", False)], title="Result"),
+        Node(3, "PreviewAny", (40, 470), (360, 120), sockets=[("source", "*", False)], title="Result"),
         note(2, (440, 60), (400, 300),
              "Build the ED task vectors (stages 2-3 of Extrapolating & Decoupling).\n\nFrom a base I2V model and "
              "the same model fine-tuned on motion (stage 1), this writes models/task_vectors/<name>/ with "
