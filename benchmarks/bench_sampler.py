@@ -9,8 +9,10 @@ Part A, tiny models (``pipelines.tiny``; CogVideoX 1.0 and SVD): time per denois
 
 The per-step time covers the denoising loop only (first denoiser call to the last step's end,
 so the step-0 weight write is included; text/image encoding and VAE decode are not). Variants
-are interleaved over ``--repeats`` runs; the mean of the per-run step times is reported with the
-ratio to plain. Target: schedule and embedder each within 5% of plain (ratio <= 1.05).
+are interleaved over ``--repeats`` runs; mean and median per-step times are reported with their
+ratios to plain, and the time spent inside ``WeightPatcher.apply`` per step (the schedule's
+direct cost, immune to the machine's noise). Target: schedule and embedder each within 5% of
+plain (ratio <= 1.05).
 
 Part B, real CogVideoX-5B-I2V layer shapes (inner 3072, 48 heads, text 4096, time_embed_dim
 512, learned positional embeddings for 480x720x49; ``--layers`` blocks, random bf16 weights):
@@ -58,6 +60,31 @@ def _random_deltas(module, names=("dynamics", "control"), scale=1e-3, dtype=None
             for n in names}
 
 
+class _ApplyTimer:
+    """Accumulates the wall time spent inside ``WeightPatcher.apply`` (the schedule's direct cost)."""
+
+    def __init__(self):
+        from merging.patcher import WeightPatcher
+
+        self.cls, self.orig, self.total = WeightPatcher, WeightPatcher.apply, 0.0
+
+    def __enter__(self):
+        orig = self.orig
+
+        def timed(patcher, level):
+            t = time.perf_counter()
+            try:
+                return orig(patcher, level)
+            finally:
+                self.total += time.perf_counter() - t
+
+        self.cls.apply = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.apply = self.orig
+
+
 def _timed_sample(model, run, **kw):
     from pipelines import sample
 
@@ -102,17 +129,21 @@ def bench_tiny(repeats: int, steps: int) -> None:
             for kw in variants.values():  # warm-up
                 _timed_sample(model, dict(run, steps=2), **kw)
             times = {name: [] for name in variants}
-            for _ in range(repeats):
-                for name, kw in variants.items():
-                    times[name].append(_timed_sample(model, run, **kw))
+            with _ApplyTimer() as timer:
+                for _ in range(repeats):
+                    for name, kw in variants.items():
+                        times[name].append(_timed_sample(model, run, **kw))
+            apply_per_step = timer.total / (repeats * steps)
             n_keys = len(model.denoiser.state_dict())
             n_params = sum(v.numel() for v in model.denoiser.state_dict().values())
             print(f"-- {family}: denoiser {n_params / 1e6:.2f} M values in {n_keys} keys")
-            plain = statistics.mean(times["plain"])
+            plain, plain_med = statistics.mean(times["plain"]), statistics.median(times["plain"])
             for name, ts in times.items():
                 mean, med = statistics.mean(ts), statistics.median(ts)
                 print(f"   {name:24s} mean {mean * 1e3:8.2f} ms/step  median {med * 1e3:8.2f}  "
-                      f"ratio to plain (mean) {mean / plain:5.3f}")
+                      f"ratio to plain: mean {mean / plain:5.3f}, median {med / plain_med:5.3f}")
+            print(f"   time inside WeightPatcher.apply (2 writes per run + a check per step): "
+                  f"{apply_per_step * 1e3:.3f} ms/step = {apply_per_step / plain_med:.4f} of a plain step")
 
 
 def bench_5b(layers: int) -> None:

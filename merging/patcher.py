@@ -40,18 +40,30 @@ class PatchError(ValueError):
 CHUNK = 1 << 18
 
 
-def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor) -> torch.Tensor:
+def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``out = base + sum_k w_k * delta_k`` with every operation in fp32; returns ``out``.
 
     Terms with ``w_k == 0`` are skipped. The first remaining term is fused with the copy of the
     base (``torch.add(base, delta, alpha=w, out=)``), the rest accumulate in place, in order;
     bf16/fp16 operands are promoted to fp32 before any arithmetic. ``out`` may be the parameter
-    itself (any float dtype): for a non-fp32 ``out`` the sum is formed in an fp32 scratch chunk
-    and rounded once. All tensors must have ``out``'s shape and device.
+    itself (any float dtype): for a non-fp32 ``out`` the sum is formed in fp32 scratch (at least
+    ``min(numel, CHUNK)`` elements; allocated if not given) and rounded once. Tensors larger
+    than ``CHUNK`` are processed chunk by chunk (same elementwise arithmetic).
     """
     nonzero = [(d, w) for d, w in terms if w != 0.0]
     if not nonzero:
         return out.copy_(base)
+    n = out.numel()
+    direct = out.dtype == torch.float32
+    if scratch is None and not direct:
+        scratch = torch.empty(min(n, CHUNK), dtype=torch.float32, device=out.device)
+    if n <= CHUNK:  # one piece: no flat views needed (most tensors; keeps the per-key overhead low)
+        acc = out if direct else scratch[:n].view(out.shape)
+        torch.add(base, nonzero[0][0], alpha=nonzero[0][1], out=acc)
+        for d, w in nonzero[1:]:
+            acc.add_(d, alpha=w)
+        return out if direct else out.copy_(acc)
     if not (out.is_contiguous() and base.is_contiguous() and all(d.is_contiguous() for d, _ in nonzero)):
         acc = base.to(torch.float32, copy=True)  # rare (no flat views): same fp32 arithmetic, unchunked
         for d, w in nonzero:
@@ -59,9 +71,6 @@ def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out
         return out.copy_(acc)
     o, b = out.view(-1), base.view(-1)
     ds = [(d.view(-1), w) for d, w in nonzero]
-    n = o.numel()
-    direct = out.dtype == torch.float32
-    scratch = None if direct else torch.empty(min(n, CHUNK), dtype=torch.float32, device=out.device)
     for i in range(0, n, CHUNK):
         j = min(n, i + CHUNK)
         acc = o[i:j] if direct else scratch[: j - i]
@@ -245,6 +254,7 @@ class WeightPatcher:
             self._params[key] = p
             self._base[key] = p.detach().clone()
             self._terms[key] = terms
+        self._scratch_numel = min(CHUNK, max((p.numel() for p in self._params.values()), default=1))
         self._current = {n: 0.0 for n in self.scheduled.deltas}  # the base is "all weights zero"
         self._entered = True
         return self
@@ -274,13 +284,20 @@ class WeightPatcher:
 
     @torch.no_grad()
     def _write(self, w: Mapping[str, float]) -> None:
+        scratch: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device, reused for every key
         for key, p in self._params.items():
             data = p.data
+            dev = data.device
             base = self._base[key]
-            if base.device != data.device:  # model offload moved the module since we copied it
-                base = self._base[key] = base.to(data.device)
-            terms = [(d if d.device == data.device else d.to(data.device), w[n]) for n, d in self._terms[key]]
-            _accumulate(base, terms, out=data)  # straight into the parameter's storage
+            if base.device != dev:  # model offload moved the module since we copied it
+                base = self._base[key] = base.to(dev)
+            terms = [(d if d.device == dev else d.to(dev), w[n]) for n, d in self._terms[key]]
+            buf = None
+            if data.dtype != torch.float32:
+                buf = scratch.get(dev)
+                if buf is None:
+                    buf = scratch[dev] = torch.empty(self._scratch_numel, dtype=torch.float32, device=dev)
+            _accumulate(base, terms, out=data, scratch=buf)  # straight into the parameter's storage
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -240,7 +240,7 @@ def load_model(
     cls = StableVideoDiffusionPipeline if family.name == "svd" else CogVideoXImageToVideoPipeline
     try:
         pipe = cls.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as e:
+    except Exception as e:  # noqa: BLE001 -- any failure inside diffusers/transformers: name the folder
         raise ModelLoadError(f"{folder}: could not load the {family.pipeline_class} ({type(e).__name__}: {e})") from e
     # diffusers leaves components the checkpoint lacks on the meta device; refuse them here
     # rather than fail mid-sampling.
