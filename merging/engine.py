@@ -301,7 +301,9 @@ def _finish(tmp: str, out_dir: str, overwrite: bool) -> None:
 
 def _write_job(writer_for: Callable[[str, str], SafetensorsWriter], name: str, key: str, data: torch.Tensor) -> Callable[[], None]:
     def job() -> None:
-        writer_for(name, key).write(key, data)
+        w = writer_for(name, key)  # opens the key's shard even for an empty tensor
+        if data.numel():
+            w.write(key, data)
 
     return job
 

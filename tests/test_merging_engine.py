@@ -20,6 +20,7 @@ KEYS = {
     "transformer_blocks.0.ff.net.0.proj.weight": (96, 24),
     "transformer_blocks.1.attn1.to_out.0.weight": (24, 24),
     "norm_final.weight": (24,),
+    "empty.weight": (0, 4),  # zero-size tensors exist in real checkpoints (unused buffers)
 }
 
 
