@@ -22,7 +22,7 @@ import sys
 __version__ = "0.1.0"
 
 PACK_DIR = os.path.dirname(os.path.abspath(__file__))
-LIBRARY_PACKAGES = ("families", "pipelines", "merging", "motion", "adapters", "training")
+LIBRARY_PACKAGES = ("families", "pipelines", "merging", "motion", "textadapter", "training")
 
 
 def _module_dir(name: str) -> str | None:

@@ -30,7 +30,7 @@ def real_scale() -> None:
     from accelerate import init_empty_weights
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from adapters import TemporalTextAdapter
+    from textadapter import TemporalTextAdapter
 
     with init_empty_weights():
         unet = UNetSpatioTemporalConditionModel()
@@ -55,7 +55,7 @@ def _median_time(fn, repeats: int) -> float:
 def overhead(frames: int, size: int, repeats: int) -> None:
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from adapters import TemporalTextAdapter, attach
+    from textadapter import TemporalTextAdapter, attach
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(

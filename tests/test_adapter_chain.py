@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import load_text_control
-from adapters.tiny import build_tiny_clip_text
+from textadapter import load_text_control
+from textadapter.tiny import build_tiny_clip_text
 
 
 @pytest.fixture(autouse=True)

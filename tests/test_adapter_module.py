@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from adapters import (
+from textadapter import (
     AdapterError,
     TemporalTextAdapter,
     TextEncoderError,
@@ -76,7 +76,7 @@ def clip_dir(tmp_path_factory):
 
 
 def make_tiny_clip(folder, width=32, layout="flat"):
-    from adapters.tiny import build_tiny_clip_text
+    from textadapter.tiny import build_tiny_clip_text
 
     return build_tiny_clip_text(folder, width, layout=layout)
 
@@ -285,7 +285,7 @@ def test_clip_folder_errors(tmp_path):
 
 
 def test_load_text_control(unet, clip_dir, tmp_path):
-    from adapters import load_text_control
+    from textadapter import load_text_control
 
     adapter = TemporalTextAdapter.for_unet(unet, 32)
     path = save_adapter(tmp_path / "a.safetensors", adapter, text_encoder={"width": 32, "path": clip_dir})

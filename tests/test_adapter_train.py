@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import AdapterError, TextEncoderError, check_text_width, load_adapter, load_clip_text
-from adapters.tiny import build_tiny_clip_text
+from textadapter import AdapterError, TextEncoderError, check_text_width, load_adapter, load_clip_text
+from textadapter.tiny import build_tiny_clip_text
 from training.adapter_data import write_pan_dataset
 from training.train_adapter import ADAPTER_FILE, DELTA_FILE, Stage1Config, Stage1Error, build, main
 

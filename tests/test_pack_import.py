@@ -29,8 +29,8 @@ def test_loads_like_comfyui_with_its_own_nodes_module(tmp_path):
         assert callable(mod.comfy_entrypoint)
         assert sys.modules["nodes"] is comfy_nodes, "the pack must not shadow ComfyUI's nodes module"
         assert sys.path.index({PACK_DIR!r}) == len(sys.path) - 1, "pack dir must be appended, not prepended"
-        import merging, motion, pipelines, families, training, adapters
-        for m in (merging, motion, pipelines, families, training, adapters):
+        import merging, motion, pipelines, families, training, textadapter
+        for m in (merging, motion, pipelines, families, training, textadapter):
             assert m.__file__.startswith({PACK_DIR!r}), m.__file__
         print("ok")
     """, cwd=str(tmp_path))

@@ -1,6 +1,6 @@
 """ED stage 1: teach an I2V model to follow motion described in text (``python -m training.train_adapter``).
 
-* **SVD** (no text path): a ``adapters.TemporalTextAdapter`` reads the caption through a local
+* **SVD** (no text path): a ``textadapter.TemporalTextAdapter`` reads the caption through a local
   CLIP text encoder (``--text-encoder``) and feeds it to every temporal transformer block. By
   default the adapter and the UNet's temporal layers train together (``adapter+temporal``).
 * **CogVideoX** (its blocks already see the T5 prompt): a fine-tune of a chosen scope (the
@@ -104,7 +104,7 @@ class Stage1Module(nn.Module):
         self.__dict__["_text_fn"] = text_fn
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from adapters import attach
+        from textadapter import attach
 
         generator = torch.Generator().manual_seed(int(batch["seed"]))
         enc = self._objective.encode(batch, generator)
@@ -189,7 +189,7 @@ def build(cfg: Stage1Config, *, device: str | torch.device = "cpu", preload: boo
     base ``fingerprint``. Raises ``Stage1Error`` / ``MotionDataError`` / ``ModelFolderError`` /
     ``TextEncoderError`` with clear messages before anything is written.
     """
-    from adapters import TemporalTextAdapter, check_text_width, load_clip_text, save_adapter
+    from textadapter import TemporalTextAdapter, check_text_width, load_clip_text, save_adapter
     from pipelines import load_model
     from training.adapter_data import CaptionedClips, collate_captioned, read_index
     from training.adapter_lora import LowRankSet, linear_modules

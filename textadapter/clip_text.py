@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .text_adapter import AdapterError, TemporalTextAdapter
+from .adapter import AdapterError, TemporalTextAdapter
 
 
 class TextEncoderError(AdapterError):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .clip_text import ClipText, TextEncoderError, check_text_width, load_clip_text
-from .text_adapter import (
+from .adapter import (
     ADAPTER_FORMAT,
     AdapterBinding,
     AdapterConfig,
