@@ -222,3 +222,17 @@ def test_free_memory_then_run_again(server):
     prompt["4"]["inputs"]["seed"] = 9
     entry = server.run(prompt)
     assert _video_frames(server, entry, "6") == FAST["frames"]
+
+
+def test_bad_input_reaches_the_user_as_a_clear_message(server):
+    """A one-frame 'clip' (a still image) into Estimate Motion: the error names the problem."""
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "motiondial_example.png"}},
+        "2": {"class_type": "MotionDialEstimateMotion", "inputs": {"frames": ["1", 0], "fps": 8.0}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 3]}},
+    }
+    entry = server.wait(server.submit(prompt), timeout=120)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "MotionDialEstimateMotion"
+    assert "has 1 frame; motion needs at least 2" in errors[0]["exception_message"]
+    assert errors[0]["exception_type"] == "ValueError"
