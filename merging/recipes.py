@@ -24,10 +24,9 @@ from families import Family, get_family
 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
+from .deltas import compact_fingerprint, delta_metadata, load_delta
 from .ed_params import ED_DEFAULTS
-from .deltas import DELTA_FORMAT, compact_fingerprint, delta_metadata, load_delta
 from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run, short_dtype
-from .errors import CheckpointError, MergeError
 from .fingerprint import fingerprint_checkpoint
 from .schedule import reference_ed_schedule
 
