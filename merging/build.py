@@ -13,6 +13,7 @@ atomically: on an error or Ctrl-C nothing is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Sequence
@@ -75,12 +76,48 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@contextlib.contextmanager
+def _interrupt_on_signals():
+    """Ctrl-C and SIGTERM (a job scheduler stopping us) both unwind as KeyboardInterrupt, so the
+    engine removes its temporary output. (A background job started by a shell may have SIGINT
+    ignored; we restore it.) The previous handlers are put back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signums = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {n: signal.signal(n, handler) for n in signums}
+    try:
+        yield
+    finally:
+        for n, h in previous.items():
+            signal.signal(n, h)
+
+
+def _build(args: argparse.Namespace, common: dict):
+    from .recipes import build_ed, build_task_vector, build_ties
+
+    if args.recipe == "ed":
+        return build_ed(args.base, args.finetuned[0], args.out, a_dyn=args.a_dyn, b_dyn=args.b_dyn, a_con=args.a_con,
+                        b_con=args.b_con, p=args.p, seed=args.seed, **common)
+    if args.recipe == "task-vector":
+        return build_task_vector(args.base, args.finetuned[0], args.out, scale=args.scale, dare_p=args.dare_p,
+                                 density=args.density, seed=args.seed, name=args.name, **common)
+    return build_ties(args.base, args.finetuned, args.out, density=args.density or 0.2, scale=args.scale,
+                      name=args.name, **common)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
     from .errors import MergeError
-    from .recipes import build_ed, build_task_vector, build_ties
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if args.recipe != "ties" and len(args.finetuned) != 1:
@@ -102,15 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   overwrite=args.overwrite, allow_dtype_mismatch=args.allow_dtype_mismatch,
                   max_shard_bytes=int(args.shard_size * 1e6), progress=progress)
     try:
-        if args.recipe == "ed":
-            res = build_ed(args.base, args.finetuned[0], args.out, a_dyn=args.a_dyn, b_dyn=args.b_dyn, a_con=args.a_con,
-                           b_con=args.b_con, p=args.p, seed=args.seed, **common)
-        elif args.recipe == "task-vector":
-            res = build_task_vector(args.base, args.finetuned[0], args.out, scale=args.scale, dare_p=args.dare_p,
-                                    density=args.density, seed=args.seed, name=args.name, **common)
-        else:
-            res = build_ties(args.base, args.finetuned, args.out, density=args.density or 0.2, scale=args.scale,
-                             name=args.name, **common)
+        with _interrupt_on_signals():
+            res = _build(args, common)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
