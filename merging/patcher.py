@@ -204,10 +204,14 @@ class WeightPatcher:
     ``writes`` = how many times the parameters were rewritten. Re-entrant use is refused.
     """
 
-    def __init__(self, module: torch.nn.Module, scheduled: ScheduledWeights) -> None:
+    def __init__(self, module: torch.nn.Module, scheduled: ScheduledWeights,
+                 base_device: str | torch.device | None = None) -> None:
         if not isinstance(scheduled, ScheduledWeights):
             raise PatchError(f"expected merging.patcher.ScheduledWeights, got {type(scheduled).__name__}")
         self.module = module
+        # Where the kept base copy lives: None = beside each parameter (fastest; costs memory on
+        # the parameter's device, e.g. VRAM); "cpu" = host memory, moved chunk-free per write.
+        self.base_device = torch.device(base_device) if base_device is not None else None
         self.scheduled = scheduled
         self.writes = 0
         self._entered = False
@@ -252,7 +256,8 @@ class WeightPatcher:
                 continue
             p = params[key]
             self._params[key] = p
-            self._base[key] = p.detach().clone()
+            self._base[key] = (p.detach().clone() if self.base_device is None
+                               else p.detach().to(self.base_device, copy=True))
             self._terms[key] = terms
         self._scratch_numel = min(CHUNK, max((p.numel() for p in self._params.values()), default=1))
         self._current = {n: 0.0 for n in self.scheduled.deltas}  # the base is "all weights zero"
@@ -289,8 +294,10 @@ class WeightPatcher:
             data = p.data
             dev = data.device
             base = self._base[key]
-            if base.device != dev:  # model offload moved the module since we copied it
-                base = self._base[key] = base.to(dev)
+            if base.device != dev:  # offloaded base, or model offload moved the module since we copied it
+                base = base.to(dev)
+                if self.base_device is None:
+                    self._base[key] = base
             terms = [(d if d.device == dev else d.to(dev), w[n]) for n, d in self._terms[key]]
             buf = None
             if data.dtype != torch.float32:

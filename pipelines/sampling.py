@@ -374,7 +374,9 @@ def sample(
     denoiser = model.denoiser
     trace: list[StepTrace] = []
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    patcher = WeightPatcher(denoiser, weight_schedule) if weight_schedule is not None else None
+    # With offload the accelerator's memory is what is short: keep the base copy in host memory.
+    patcher = (WeightPatcher(denoiser, weight_schedule, base_device="cpu" if model.offload != "none" else None)
+               if weight_schedule is not None else None)
     embeds = (
         _motion_embeddings(motion_embedder, object_intensity, camera_intensity, cfg, model.time_embed_dim)
         if motion_embedder is not None else None

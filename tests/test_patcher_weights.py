@@ -185,3 +185,14 @@ def test_calls_for_weight_and_prediction_schedules():
         assert p.set_weights({"control": 1.0}) and not p.set_weights({"control": 1.0, "dynamics": 0.0})
         with pytest.raises(PatchError, match="unknown"):
             p.set_weights({"other": 1.0})
+
+
+def test_base_copy_on_another_device_setting():
+    net = _net(torch.bfloat16)
+    base = _snap(net)
+    deltas = _deltas(net)
+    with WeightPatcher(net, ScheduledWeights(deltas, HardSwitch()), base_device="cpu") as p:
+        assert all(b.device.type == "cpu" for b in p._base.values())
+        p.apply(0.9)
+        assert torch.equal(net.state_dict()["0.weight"], static_merge(base["0.weight"], [(deltas["dynamics"]["0.weight"], 1.0)]))
+    assert _equal(_snap(net), base)
