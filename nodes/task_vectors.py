@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +24,16 @@ class TaskVectors:
     deltas: dict[str, Any]
     folder: str
     schedule: Any = None  # the schedule stored with the set (schedule.json), if any
-    _checked: set = field(default_factory=set, repr=False)
+    _checked: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)  # models already checked
 
     def check_base(self, model: Any) -> None:
         """Refuse (clear error naming the files) unless every delta was built for ``model``'s weights."""
-        if id(model) in self._checked:
+        if model in self._checked:
             return
         fp = model.fingerprint()
         for delta in self.deltas.values():
             delta.check_base(fp)
-        self._checked.add(id(model))
+        self._checked.add(model)
 
     def __repr__(self) -> str:
         return f"MotionDial task vectors {sorted(self.deltas)} from {self.folder!r}"
@@ -77,7 +78,7 @@ def load_set(folder: str, model: Any = None) -> TaskVectors:
     schedule = Schedule.load(sched_path) if os.path.isfile(sched_path) else None
     tv = TaskVectors(deltas=deltas, folder=folder, schedule=schedule)
     if model is not None:
-        tv._checked.add(id(model))
+        tv._checked.add(model)
     return tv
 
 

@@ -51,11 +51,13 @@ def test_embedder_made_for_another_base_is_refused(env, model):
 
 
 def test_task_vectors_for_another_base_are_refused(env, model):
-    _task_vectors(env, model)
+    tv, sched = _task_vectors(env, model)
     locked = env.by_id["MotionDialLoadI2VModel"].execute(model_name=h.LOCKED, dtype="fp32", device="cpu",
                                                          vae_tiling=False)[0]
     with pytest.raises(ValueError, match="dynamics|control"):
         env.by_id["MotionDialLoadTaskVectors"].execute(model=locked, task_vectors_name=h.TASK_VECTORS)
+    with pytest.raises(ValueError, match="dynamics|control"):  # loaded for one model, wired to another
+        _sample(env, locked, torch.rand(1, 32, 32, 3), width=0, height=0, task_vectors=tv, schedule=sched)
 
 
 def test_reference_clip_of_one_frame(env):
