@@ -98,7 +98,7 @@ class ScheduledWeights:
 
     Args:
         deltas: ``{name: {state-dict key: tensor}}``; tensors of any float dtype (fp32 math is
-            done on the fly, they are not copied).
+            done on the fly, they are not copied). Treated as immutable once given.
         schedule: anything with ``weights(noise_level) -> {name: float}`` (``merging.schedule``).
             Names it returns must be in ``deltas``; deltas it does not mention get weight 0.
     """
@@ -135,6 +135,14 @@ class ScheduledWeights:
             if unknown:
                 raise PatchError(f"the schedule uses delta(s) {unknown} but only {sorted(self.deltas)} were given")
         self.schedule = schedule
+        self._nonzero: dict[tuple[str, str], bool] = {}
+
+    def is_nonzero(self, name: str, key: str) -> bool:
+        """Whether delta ``name`` changes ``key`` at all (cached: deltas are treated as immutable)."""
+        cached = self._nonzero.get((name, key))
+        if cached is None:
+            cached = self._nonzero[(name, key)] = bool(self.deltas[name][key].any())
+        return cached
 
     @property
     def keys(self) -> list[str]:
@@ -210,7 +218,8 @@ class WeightPatcher:
             raise PatchError(f"expected merging.patcher.ScheduledWeights, got {type(scheduled).__name__}")
         self.module = module
         # Where the kept base copy lives: None = beside each parameter (fastest; costs memory on
-        # the parameter's device, e.g. VRAM); "cpu" = host memory, moved chunk-free per write.
+        # the parameter's device, e.g. VRAM); "cpu" = host memory, copied to the parameter's
+        # device at each write.
         self.base_device = torch.device(base_device) if base_device is not None else None
         self.scheduled = scheduled
         self.writes = 0
@@ -248,17 +257,22 @@ class WeightPatcher:
         if self._entered:
             raise RuntimeError("WeightPatcher is already active")
         params = self._tensors()
-        for key in self.scheduled.keys:
-            # All-zero deltas (frozen layers of a task vector) change nothing: skip them, and keep
-            # no base copy of a parameter that no non-zero delta touches.
-            terms = [(n, d[key]) for n, d in self.scheduled.deltas.items() if key in d and bool(d[key].any())]
-            if not terms:
-                continue
-            p = params[key]
-            self._params[key] = p
-            self._base[key] = (p.detach().clone() if self.base_device is None
-                               else p.detach().to(self.base_device, copy=True))
-            self._terms[key] = terms
+        try:
+            for key in self.scheduled.keys:
+                # All-zero deltas (frozen layers of a task vector) change nothing: skip them, and
+                # keep no base copy of a parameter that no non-zero delta touches.
+                terms = [(n, d[key]) for n, d in self.scheduled.deltas.items()
+                         if key in d and self.scheduled.is_nonzero(n, key)]
+                if not terms:
+                    continue
+                p = params[key]
+                self._params[key] = p
+                self._base[key] = (p.detach().clone() if self.base_device is None
+                                   else p.detach().to(self.base_device, copy=True))
+                self._terms[key] = terms
+        except BaseException:  # e.g. out of memory while copying: release what was taken
+            self._params, self._base, self._terms = {}, {}, {}
+            raise
         self._scratch_numel = min(CHUNK, max((p.numel() for p in self._params.values()), default=1))
         self._current = {n: 0.0 for n in self.scheduled.deltas}  # the base is "all weights zero"
         self._entered = True
