@@ -144,10 +144,11 @@ def test_size_follows_image_aspect(models):
     assert resolve_size(m, (200, 300), None, None) == (128, 80)
 
 
-def test_bf16_load_and_tiling_flags(tiny_model_dir):
-    m = load_model(tiny_model_dir("cogvideox-i2v"), dtype="bf16", vae_tiling=True, vae_slicing=True)
-    assert m.dtype == torch.bfloat16
-    assert next(m.denoiser.parameters()).dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_load_and_tiling_flags(tiny_model_dir, dtype, torch_dtype):
+    m = load_model(tiny_model_dir("cogvideox-i2v"), dtype=dtype, vae_tiling=True, vae_slicing=True)
+    assert m.dtype == torch_dtype
+    assert next(m.denoiser.parameters()).dtype == torch_dtype
     assert m.vae.use_tiling and m.vae.use_slicing
     v = sample(m, _image(), "x", frames=9, steps=1, cfg=1.0, seed=0)
     assert v.frames.dtype == torch.float32 and torch.isfinite(v.frames).all()

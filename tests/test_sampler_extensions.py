@@ -27,6 +27,11 @@ def cog(one_thread, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def cog15(one_thread, tiny_model_dir):
+    return load_model(tiny_model_dir("cogvideox1.5-i2v"))
+
+
+@pytest.fixture(scope="module")
 def svd(one_thread, tiny_model_dir):
     return load_model(tiny_model_dir("svd"))
 
@@ -219,10 +224,10 @@ def _capture_time_embedding(model, store):
     return model.time_embedding.register_forward_hook(lambda m, a, out: store.append(out.detach().clone()))
 
 
-@pytest.mark.parametrize("which", ["cog", "svd"])
+@pytest.mark.parametrize("which", ["cog", "cog15", "svd"])
 def test_zero_embedder_is_bit_identical(request, which):
     model = request.getfixturevalue(which)
-    run = RUN if which == "cog" else SVD_RUN
+    run = {"cog": RUN, "cog15": dict(RUN, height=32, width=32), "svd": SVD_RUN}[which]
     plain = sample(model, IMG, "x", **run)
     zero = sample(model, IMG, "x", motion_embedder=_ConstEmbedder(model.time_embed_dim, 0.0),
                   object_intensity=9, camera_intensity=2, **run)
