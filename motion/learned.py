@@ -1,6 +1,6 @@
 """Learned MotionStone estimator: a small TAdaConv video network with two MLP heads.
 
-Input (``prepare_clip``): ``pairs`` frame pairs taken uniformly over the clip, each pair
+Input (``select_frames`` then ``MotionEstimatorNet.prepare``): ``pairs`` frame pairs taken uniformly over the clip, each pair
 ``(frame_s, frame_s+gap)`` with ``gap = max(1, round(fps / base_fps))`` so that the pair always
 spans about ``1/base_fps`` seconds (8 fps: consecutive frames; 24 fps: every 3rd frame) and the
 network sees displacement *per unit time*, as the scores are defined. Frames are resized (whole
@@ -75,6 +75,13 @@ class EstimatorConfig:
         self.widths = [int(w) for w in self.widths]
         if self.pairs < 1 or self.size < 16 or len(self.widths) < 2 or self.base_fps <= 0:
             raise ValueError(f"invalid EstimatorConfig {self}")
+        if self.tada_impl not in ("grouped", "scaled_input"):
+            raise ValueError(f"EstimatorConfig.tada_impl must be 'grouped' or 'scaled_input', got {self.tada_impl!r}")
+
+    @property
+    def input_frames(self) -> int:
+        """Frames per clip the network takes (:func:`select_frames`): two per pair."""
+        return 2 * self.pairs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +132,10 @@ class MotionEstimatorNet(nn.Module):
         self.object_head = nn.Sequential(nn.Linear(w[-1], cfg.head_hidden), nn.ReLU(), nn.Linear(cfg.head_hidden, 1))
         self.camera_head = nn.Sequential(nn.Linear(w[-1], cfg.head_hidden), nn.ReLU(), nn.Linear(cfg.head_hidden, 1))
 
+    def prepare(self, frames_u8: torch.Tensor) -> torch.Tensor:
+        """``[B, 2*pairs, S, S, 3]`` uint8 (see :func:`select_frames`) → input ``[B, 6, pairs, S, S]``."""
+        return prepare_input(frames_u8, self.config)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``[B, widths[-1]]`` (global average over space and time)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -171,34 +182,65 @@ def pair_indices(num_frames: int, fps: float, config: EstimatorConfig) -> tuple[
     return starts, gap
 
 
-def prepare_clip(frames: np.ndarray, fps: float, config: EstimatorConfig) -> torch.Tensor:
-    """``[T,H,W,3]`` uint8 RGB → network input ``[6, pairs, size, size]`` float32 (see module doc)."""
+def select_frames(frames: np.ndarray, fps: float, config: EstimatorConfig) -> np.ndarray:
+    """The network's view of a clip: ``[2*pairs, size, size, 3]`` uint8, frames ``a0, b0, a1, b1...``.
+
+    ``frames`` is ``[T,H,W,3]`` uint8 RGB (``T >= 2``) at ``fps``; pairs are spread uniformly over
+    the clip and each spans ``gap = max(1, round(fps / base_fps))`` frames (see the module doc).
+    Training must feed the network through this same function (then :meth:`MotionEstimatorNet.prepare`).
+    """
     import cv2
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames: expected [T,H,W,3] uint8, got {frames.dtype} {tuple(frames.shape)}")
     starts, gap = pair_indices(frames.shape[0], fps, config)
     s = config.size
+    out = np.empty((2 * len(starts), s, s, 3), dtype=np.uint8)
     cache: dict[int, np.ndarray] = {}
-
-    def small(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = cv2.resize(frames[i], (s, s), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-        return cache[i]
-
-    out = np.empty((6, len(starts), s, s), dtype=np.float32)
     for k, i in enumerate(starts):
-        a, b = small(int(i)), small(int(i) + gap)
-        out[:3, k] = (a - 0.5).transpose(2, 0, 1)
-        out[3:, k] = ((b - a) * config.diff_gain).transpose(2, 0, 1)
-    return torch.from_numpy(out)
+        for j, idx in enumerate((int(i), int(i) + gap)):
+            if idx not in cache:
+                f = frames[idx]
+                interp = cv2.INTER_AREA if f.shape[0] >= s and f.shape[1] >= s else cv2.INTER_LINEAR
+                cache[idx] = cv2.resize(f, (s, s), interpolation=interp)
+            out[2 * k + j] = cache[idx]
+    return out
+
+
+def prepare_input(frames_u8: torch.Tensor, config: EstimatorConfig) -> torch.Tensor:
+    """``[B, 2*pairs, S, S, 3]`` uint8 (from :func:`select_frames`) → network input ``[B, 6, pairs, S, S]``.
+
+    Channels: first frame of the pair (RGB in -0.5..0.5) and ``diff_gain * (second - first)``.
+    """
+    if frames_u8.ndim != 5 or frames_u8.shape[-1] != 3 or frames_u8.shape[1] % 2:
+        raise ValueError(f"expected [B, 2*pairs, H, W, 3] frames, got {tuple(frames_u8.shape)}")
+    x = frames_u8.float().div(255.0).permute(0, 4, 1, 2, 3)  # [B, 3, 2P, S, S]
+    a, b = x[:, :, 0::2], x[:, :, 1::2]
+    return torch.cat([a - 0.5, (b - a) * config.diff_gain], dim=1)
+
+
+def prepare_clip(frames: np.ndarray, fps: float, config: EstimatorConfig) -> torch.Tensor:
+    """``[T,H,W,3]`` uint8 RGB → network input ``[6, pairs, size, size]`` float32."""
+    return prepare_input(torch.from_numpy(select_frames(frames, fps, config))[None], config)[0]
 
 
 # ------------------------------------------------------------------------------------ files
 
 
-def save_estimator(path: str | os.PathLike, net: MotionEstimatorNet, extra: Optional[dict] = None) -> str:
-    """Save ``net`` as safetensors (+ side-car JSON) atomically; returns the path."""
+def save_estimator(
+    net: MotionEstimatorNet,
+    config: Optional[EstimatorConfig],
+    path: str | os.PathLike,
+    metadata: Optional[dict] = None,
+) -> str:
+    """Save ``net`` as ``path`` (.safetensors) + side-car ``.json``, atomically; returns the path.
+
+    ``config`` must be ``net.config`` (or None); ``metadata``: extra JSON-able facts (training
+    report...) stored under ``extra``.
+    """
+    if config is not None and config.to_dict() != net.config.to_dict():
+        raise ValueError("save_estimator: config differs from the network's own config")
+    extra = metadata
     from safetensors.torch import save_file
 
     p = Path(path)
@@ -267,6 +309,15 @@ def load_estimator(path: str | os.PathLike) -> MotionEstimatorNet:
             f"{p}: weights do not match the config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     return net.eval()
+
+
+#: Names used by ``training.train_estimator``.
+LearnedEstimatorConfig = EstimatorConfig
+
+
+def build_estimator_model(config: Optional[EstimatorConfig] = None) -> MotionEstimatorNet:
+    """A freshly initialised :class:`MotionEstimatorNet` (seed torch before for reproducibility)."""
+    return MotionEstimatorNet(config)
 
 
 class LearnedEstimator:
