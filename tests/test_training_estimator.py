@@ -125,21 +125,44 @@ def test_pair_accuracy_counts_ties_half(dataset):
     assert acc == 0.5 and n == sum(p.object != "same" for p in pairs)
 
 
-class StandIn(nn.Module):
-    """A tiny video net with the estimator's interface (uint8 [B,T,H,W,3] -> object, camera)."""
+TINY = {"pairs": 2, "size": 16, "widths": [8, 16], "head_hidden": 8}
 
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 2)
 
-    def prepare(self, x):
-        return x.permute(0, 4, 1, 2, 3).float() / 255.0
+def test_training_frames_are_the_estimators_own_view(dataset):
+    from motion.clips import read_clip
+    from motion.learned import prepare_clip
 
-    def forward(self, x):
-        h = torch.relu(self.conv(x[:, :, 1:] - x[:, :, :-1])).mean((2, 3, 4))
-        out = 1 + 9 * torch.sigmoid(self.head(h))
-        return out[:, 0], out[:, 1]
+    from training.estimator_data import load_model_frames
+    from training.train_estimator import estimator_scores, model_config, new_model
+
+    cfg = model_config({**TINY, "pairs": 3, "size": 24})
+    path = os.path.join(dataset, "clip_00003")
+    clip = read_clip(path)
+    net = new_model(cfg, 0).eval()
+    fr = torch.from_numpy(load_model_frames(path, cfg))[None]
+    with torch.no_grad():
+        want = torch.stack(net(prepare_clip(clip.frames, clip.fps, cfg)[None]), -1)
+        assert torch.equal(estimator_scores(net, fr), want)
+
+
+def test_augmentation_flips_and_reverses_time(dataset):
+    from training.estimator_data import load_model_frames
+    from training.train_estimator import _augment, model_config
+
+    cfg = model_config({**TINY, "pairs": 3})
+    fr = torch.from_numpy(load_model_frames(os.path.join(dataset, "clip_00001"), cfg))[None]
+
+    class Seq:
+        def __init__(self, seq):
+            self.seq = list(seq)
+
+        def random(self):
+            return self.seq.pop(0)
+
+    rev = _augment(fr, Seq([0.9, 0.9, 0.1]))  # no flips, time reversed
+    assert torch.equal(rev[0, 0], fr[0, -1]) and torch.equal(rev[0, 1], fr[0, -2])
+    hflip = _augment(fr, Seq([0.1, 0.9, 0.9]))
+    assert torch.equal(hflip[0, 2], fr[0, 2].flip(1))
 
 
 def _fake_scorer(dataset):
@@ -154,15 +177,16 @@ def _fake_scorer(dataset):
 
 def test_train_task_smoke_run(dataset, tmp_path):
     from training.runner import RunnerConfig, run
+    from training.train_estimator import model_config, new_model
 
-    data = prepare_data(dataset, os.path.join(dataset, "pairs.csv"), frames=4, height=16, width=16,
+    cfg = model_config(TINY)
+    data = prepare_data(dataset, os.path.join(dataset, "pairs.csv"), model_config=cfg,
                         val_fraction=0.3, seed=0, cache=str(tmp_path / "c.jsonl"), progress=False,
                         scorer=_fake_scorer(dataset))
     assert data.frames.shape == (12, 4, 16, 16, 3) and data.labels.shape == (12, 2)
     assert data.val_pairs and data.train_pairs
     assert 0 <= data.baselines["flow_object_acc"] <= 1
-    torch.manual_seed(0)
-    task = build_task(data, StandIn(), batch=3, margin=0.1, lambda_reg=0.1)
+    task = build_task(data, new_model(cfg, 0), batch=3, margin=0.1, lambda_reg=0.1)
     r = run(task, RunnerConfig(out_dir=str(tmp_path / "o"), steps=3, lr=1e-2, eval_every=2, checkpoint_every=2,
                                progress=False), log=lambda *a: None)
     assert r.status == "completed"
@@ -170,3 +194,44 @@ def test_train_task_smoke_run(dataset, tmp_path):
     assert [e["step"] for e in ev] == [2, 3]
     assert set(ev[-1]) >= {"object_acc", "camera_acc", "mean_acc", "val_mse"}
     assert {"rank_object", "rank_camera", "reg_mse"} <= set(r.report["losses"][0])
+
+
+def test_cli_trains_saves_and_resumes(dataset, tmp_path, capsys):
+    """The real CLI and model, a few steps, real pseudo-labels; the file loads in estimate_motion."""
+    from motion import estimate_motion
+    from motion.clips import read_clip
+
+    from training.train_estimator import main
+
+    out = tmp_path / "est"
+    args = ["--clips", dataset, "--pairs", os.path.join(dataset, "pairs.csv"), "--out", str(out),
+            "--steps", "2", "--batch", "2", "--eval-every", "1", "--checkpoint-every", "1", "--val-fraction", "0.4",
+            "--cache", str(tmp_path / "labels.jsonl"), "--model-config", json.dumps(TINY), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and "ssim_object_acc" in summary and "object_acc" in summary
+    rep = json.load(open(out / "report.json"))
+    assert rep["status"] == "completed" and rep["baselines"]["val_pairs_object"] >= 0
+    assert len(open(tmp_path / "labels.jsonl").read().splitlines()) == 12  # every clip labelled once
+    est = str(out / "estimator.safetensors")
+    scores = estimate_motion(read_clip(os.path.join(dataset, "clip_00000")).frames, 8.0, estimator=est)
+    assert 1 <= scores.object <= 10 and 1 <= scores.camera <= 10
+    # Running it again with more steps resumes (no relabelling: the cache is complete).
+    assert main(args[:7] + ["4"] + args[8:]) == 0
+    rep = json.load(open(out / "report.json"))
+    assert rep["steps_done"] == 4 and rep["sessions"][-1]["started_at_step"] == 2
+
+
+def test_cli_bad_input_exit_code_and_message(dataset, tmp_path, capsys):
+    from training.train_estimator import main
+
+    bad = _write(tmp_path / "pairs.csv", "clip_a,clip_b,object,camera\nclip_00000,clip_00001,a,sideways\n")
+    rc = main(["--clips", dataset, "--pairs", bad, "--out", str(tmp_path / "o"), "--model-config", json.dumps(TINY)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "pairs.csv, line 2" in err and "sideways" in err
+    rc = main(["--clips", str(tmp_path / "nope"), "--pairs", bad, "--out", str(tmp_path / "o")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["--clips", dataset, "--pairs", os.path.join(dataset, "pairs.csv"), "--out", str(tmp_path / "o"),
+               "--model-config", '{"colour": 3}'])
+    assert rc == 2 and "colour" in capsys.readouterr().err

@@ -247,27 +247,17 @@ def _rewrite(path: str, entries: Sequence[dict]) -> None:
 # Clip tensors
 
 
-def load_clip_array(path: str, frames: int, height: int, width: int) -> np.ndarray:
-    """``[frames, height, width, 3] uint8``: ``frames`` evenly spaced frames, area-resized.
+def load_model_frames(path: str, config) -> np.ndarray:
+    """The frames the learned estimator sees of the clip at ``path``: ``[2*pairs, size, size, 3] uint8``.
 
-    Evenly spaced (not the first ``frames``) so the window spans the whole clip; with a clip
-    shorter than ``frames`` the last frame is repeated (which lowers apparent speed; document
-    the training frame count next to the model).
+    Exactly ``motion.learned.select_frames`` at the clip's fps (kept as uint8 so that hundreds of
+    clips fit in memory; the network's own ``prepare`` turns a batch into its input).
     """
-    import cv2
-
     from motion.clips import read_clip
+    from motion.learned import select_frames
 
     clip = read_clip(path)
-    t = clip.frames.shape[0]
-    idx = np.linspace(0, t - 1, frames).round().astype(int) if t >= frames else \
-        np.minimum(np.arange(frames), t - 1)
-    out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    for i, j in enumerate(idx):
-        f = clip.frames[j]
-        interp = cv2.INTER_AREA if f.shape[0] >= height else cv2.INTER_LINEAR
-        out[i] = cv2.resize(f, (width, height), interpolation=interp)
-    return out
+    return select_frames(clip.frames, clip.fps, config)
 
 
 def pair_accuracy(scores: dict[str, float], pairs: Sequence[Pair], head: str) -> tuple[float, int]:

@@ -34,7 +34,7 @@ from torch import nn
 from training.estimator_data import (
     EstimatorDataError,
     Pair,
-    load_clip_array,
+    load_model_frames,
     pair_accuracy,
     pseudo_labels,
     read_pairs_csv,
@@ -51,7 +51,7 @@ class EstimatorData:
     """Everything the estimator task needs, in memory."""
 
     clips: list[str]  # absolute paths, index = row of ``frames``
-    frames: torch.Tensor  # [N, T, H, W, 3] uint8
+    frames: torch.Tensor  # [N, 2*pairs, S, S, 3] uint8 (see estimator_data.load_model_frames)
     labels: torch.Tensor  # [N, 2] float32 pseudo-labels (object, camera) on 1..10
     train_pairs: list[Pair]
     val_pairs: list[Pair]
@@ -71,9 +71,7 @@ def prepare_data(
     clips_dir: str,
     pairs_csv: str,
     *,
-    frames: int,
-    height: int,
-    width: int,
+    model_config,
     val_fraction: float = 0.2,
     seed: int = 0,
     cache: str | None = None,
@@ -112,10 +110,11 @@ def prepare_data(
     if not train_pairs:
         raise EstimatorDataError(f"{pairs_csv}: no training pairs left after holding out {val_fraction:.0%} of the "
                                  "clips; add pairs or lower --val-fraction")
-    arr = np.empty((len(clips), frames, height, width, 3), dtype=np.uint8)
+    s = model_config.size
+    arr = np.empty((len(clips), model_config.input_frames, s, s, 3), dtype=np.uint8)
     for i, c in enumerate(tqdm(clips, desc="load clips", unit="clip", disable=not progress)):
         try:
-            arr[i] = load_clip_array(c, frames, height, width)
+            arr[i] = load_model_frames(c, model_config)
         except Exception as e:
             raise EstimatorDataError(f"clip {c}: cannot read ({e})") from e
     lab = torch.tensor([[labels[c]["object"], labels[c]["camera"]] for c in clips], dtype=torch.float32)
@@ -149,17 +148,16 @@ def ranking_losses(s_a: torch.Tensor, s_b: torch.Tensor, label: torch.Tensor, ma
 
 
 def estimator_scores(model: nn.Module, frames_u8: torch.Tensor) -> torch.Tensor:
-    """Run the estimator on ``[B,T,H,W,3] uint8`` → ``[B, 2]`` scores (object, camera)."""
-    out = model(model.prepare(frames_u8)) if hasattr(model, "prepare") else model(frames_u8)
-    if isinstance(out, (tuple, list)):
-        out = torch.stack([out[0], out[1]], -1)
-    elif isinstance(out, dict):
-        out = torch.stack([out["object"], out["camera"]], -1)
-    return out.float()
+    """Scores ``[B, 2]`` (object, camera) of ``[B, 2*pairs, S, S, 3] uint8`` (``select_frames`` output)."""
+    obj, cam = model(model.prepare(frames_u8))
+    return torch.stack([obj, cam], -1).float()
 
 
 def _augment(frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Flips and time reversal: they change neither speed (per clip, drawn from ``rng``)."""
+    """Flips and time reversal of ``[B, 2*pairs, S, S, 3]`` (drawn per clip): none changes a speed.
+
+    Reversing the frame axis (a0 b0 a1 b1 ... -> ... b1 a1 b0 a0) is exactly the reversed clip.
+    """
     out = frames.clone()
     for i in range(out.shape[0]):
         if rng.random() < 0.5:
@@ -228,22 +226,24 @@ def build_task(data: EstimatorData, model: nn.Module, *, batch: int, margin: flo
 # The real model (motion.learned) and the CLI
 
 
-def _new_model(args, seed: int) -> tuple[nn.Module, dict]:
-    """A freshly initialised learned estimator and its JSON config (from ``motion.learned``)."""
-    from motion.learned import LearnedEstimatorConfig, build_estimator_model
+def model_config(overrides: str | dict | None):
+    """``motion.learned.EstimatorConfig`` with JSON ``overrides`` (e.g. ``{"size": 64}``)."""
+    from motion.learned import EstimatorConfig
 
-    cfg = LearnedEstimatorConfig(**(json.loads(args.model_config) if args.model_config else {}))
-    torch.manual_seed(seed)
-    model = build_estimator_model(cfg)
-    return model, cfg
+    d = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    try:
+        return EstimatorConfig.from_dict({**EstimatorConfig().to_dict(), **d})
+    except (TypeError, ValueError) as e:
+        raise EstimatorDataError(f"--model-config: {e}") from e
 
 
-def _save_model(model: nn.Module, cfg, out_dir: str, report: dict) -> dict[str, str]:
-    from motion.learned import save_estimator
+def new_model(cfg, seed: int) -> nn.Module:
+    """A freshly initialised ``motion.learned.MotionEstimatorNet`` (initialisation seeded)."""
+    from motion.learned import build_estimator_model
 
-    path = os.path.join(out_dir, "estimator.safetensors")
-    save_estimator(model, cfg, path, metadata={"trained_by": "training.train_estimator", **report})
-    return {"estimator": path}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_estimator_model(cfg)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -289,10 +289,10 @@ def train(args: argparse.Namespace, out_dir: str, lambda_reg: float, data: Estim
     """One training run into ``out_dir``; returns ``(TrainResult, EstimatorData)``."""
     from training.runner import RunnerConfig, run
 
-    model, mcfg = _new_model(args, args.seed)
-    frames, (height, width) = _model_input(mcfg)
+    mcfg = model_config(args.model_config)
+    model = new_model(mcfg, args.seed)
     if data is None:
-        data = prepare_data(args.clips, args.pairs, frames=frames, height=height, width=width,
+        data = prepare_data(args.clips, args.pairs, model_config=mcfg,
                             val_fraction=args.val_fraction, seed=args.seed, cache=args.cache,
                             progress=not args.no_progress, val_clips_dir=args.val_clips, val_pairs_csv=args.val_pairs)
         log(f"data: {len(data.clips)} clips, {len(data.train_pairs)} training pairs, {len(data.val_pairs)} held-out "
@@ -300,11 +300,17 @@ def train(args: argparse.Namespace, out_dir: str, lambda_reg: float, data: Estim
             + ", ".join(f"{k}={v:.3f}" for k, v in data.baselines.items() if k.endswith("_acc")))
 
     def save_fn(m: nn.Module, out: str) -> dict[str, str]:
-        return _save_model(m, mcfg, out, {"lambda_reg": str(lambda_reg), "steps": str(args.steps)})
+        from motion.learned import save_estimator
+
+        path = os.path.join(out, "estimator.safetensors")
+        save_estimator(m, m.config, path, metadata={"trained_by": "training.train_estimator", "lambda_reg": lambda_reg,
+                                                    "margin": args.margin, "steps": args.steps,
+                                                    "pairs_csv": os.path.abspath(args.pairs)})
+        return {"estimator": path, "config": os.path.splitext(path)[0] + ".json"}
 
     config = {"clips": os.path.abspath(args.clips), "pairs": os.path.abspath(args.pairs),
               "val_pairs": os.path.abspath(args.val_pairs) if args.val_pairs else None,
-              "val_fraction": args.val_fraction, "model": _config_json(mcfg)}
+              "val_fraction": args.val_fraction, "model": mcfg.to_dict()}
     task = build_task(data, model, batch=args.batch, margin=args.margin, lambda_reg=lambda_reg,
                       same_weight=args.same_weight, augment=not args.no_augment, save_fn=save_fn, config=config)
     rcfg = RunnerConfig(out_dir=out_dir, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
