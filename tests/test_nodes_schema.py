@@ -134,3 +134,13 @@ def test_entrypoint_like_comfyui_in_a_fresh_interpreter(tmp_path):
     """)], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert set(r.stdout.strip().split(",")) == EXPECTED
+
+
+def test_web_extension_names_existing_nodes():
+    """nodes/web/motiondial_results.js draws ui.text on these nodes; they must exist and return text."""
+    import re
+
+    src = open(os.path.join(h.PACK_DIR, "nodes", "web", "motiondial_results.js"), encoding="utf-8").read()
+    names = re.findall(r'"(MotionDial\w+)"', src)
+    assert names and set(names) <= EXPECTED
+    assert set(names) == {"MotionDialEstimateMotion", "MotionDialBuildTaskVectors"}
