@@ -303,6 +303,13 @@ def load_estimator(path: str | os.PathLike) -> MotionEstimatorNet:
     except (KeyError, ValueError, TypeError) as e:
         raise EstimatorFileError(f"{p}: bad estimator config in metadata ({e})") from None
     net = MotionEstimatorNet(config)
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise EstimatorFileError(
+            f"{p}: weights do not match the config (shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+            f"the config builds {tuple(own[wrong[0]].shape)}; {len(wrong)} tensors differ)"
+        )
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise EstimatorFileError(
