@@ -1,6 +1,5 @@
 """Node behaviour on tiny models, without ComfyUI: clear messages for bad input, progress and
 cancel, and the hand-over to ComfyUI's model manager (stand-ins in nodes_comfy_stand_in.py)."""
-import os
 
 import pytest
 import torch
