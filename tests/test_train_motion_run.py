@@ -63,8 +63,6 @@ def _fixed_eval_loss(task, info, n=3):
 
 @pytest.mark.slow
 def test_loss_falls_on_synthetic_clips(tiny_model_dir, data, tmp_path):
-    from accelerate import Accelerator
-
     from merging.deltas import load_delta
     from training.runner import run
 
@@ -73,7 +71,7 @@ def test_loss_falls_on_synthetic_clips(tiny_model_dir, data, tmp_path):
     task, rcfg, info = build_task(cfg)
     before = _fixed_eval_loss(task, info)
     base = {k: v.detach().clone() for k, v in info["model"].denoiser.state_dict().items()}
-    result = run(task, rcfg, accelerator=Accelerator())
+    result = run(task, rcfg)
     assert result.status == "completed" and result.step == 20
     after = _fixed_eval_loss(task, info)
     assert after < 0.8 * before, (before, after)
@@ -102,12 +100,11 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, data, tmp_
             raise Killed
 
     from training.runner import run
-    from accelerate import Accelerator
 
     cfg_b = _cfg(model, data, tmp_path / "b", **kw)
     task, rcfg, _ = build_task(cfg_b)
     with pytest.raises(Killed):
-        run(task, rcfg, accelerator=Accelerator(), callback=kill_at_5)
+        run(task, rcfg, callback=kill_at_5)
     # A hard kill at step 5 would have lost the checkpoint the callback path wrote at step 5:
     # drop it, so the resume starts from step 4 and replays step 5.
     ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
@@ -152,6 +149,24 @@ def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, 
     hi = sample(model, img, "a cat moves", object_intensity=10.0, camera_intensity=10.0, **common).frames
     assert lo.shape == hi.shape and not torch.equal(lo, hi)
     assert (lo - hi).abs().max() > 1e-5
+    # Motion guidance (neutral scores on the unconditional CFG half) changes a CFG run.
+    common.update(cfg=2.0)
+    plain = sample(model, img, "a cat moves", object_intensity=9.0, camera_intensity=2.0, **common).frames
+    emb.set_motion_guidance((5.5, 5.5), 2.0)
+    guided = sample(model, img, "a cat moves", object_intensity=9.0, camera_intensity=2.0, **common).frames
+    assert not torch.equal(plain, guided)
+
+
+@pytest.mark.parametrize("family,trainable,frames", [("cogvideox-i2v", "lora", 9), ("svd", "embedder", 4)])
+def test_bf16_checkpointing_and_accumulation(tiny_model_dir, data, tmp_path, family, trainable, frames):
+    cfg = _cfg(tiny_model_dir(family), data, tmp_path / "o", trainable=trainable, frames=frames, steps=2, batch=1,
+               grad_accum=2, mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=1)
+    result = train_motion(cfg)
+    rep = result.report
+    assert result.status == "completed" and rep["mixed_precision"] == "bf16"
+    assert rep["config"]["runner"]["grad_accum"] == 2 and rep["config"]["task"]["gradient_checkpointing"]
+    assert all(np.isfinite(e["loss"]) for e in rep["losses"])
+    assert os.path.isfile(rep["files"]["embedder"])
 
 
 def test_fresh_embedder_leaves_sampling_bit_identical(tiny_model_dir):

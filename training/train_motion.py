@@ -157,7 +157,10 @@ def _batch_indices(n: int, batch: int, seed: int, ctx: Any, grad_accum: int) -> 
 
 
 def build_task(cfg: MotionTrainConfig, *, accelerator: Any = None, log=print) -> tuple[Any, Any, dict]:
-    """Load the model and data and build the runner's ``TrainTask``. Returns ``(task, runner_cfg, info)``."""
+    """Load the model and data and build the runner's ``TrainTask``. Returns ``(task, runner_cfg, info)``.
+
+    ``accelerator``: anything with ``device``, ``is_main_process`` and ``wait_for_everyone()``
+    (an ``accelerate.PartialState`` or ``Accelerator``); ``None`` = CPU, single process."""
     from motion.embedding import MotionScoreEmbedding
     from pipelines import load_model
     from training.diffusion_loss import check_frames, objective_for
@@ -296,17 +299,20 @@ def _task_config(cfg: MotionTrainConfig, frames: int, height: int, width: int, e
 
 def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     """Run the whole training (see the module docs). Returns ``training.runner.TrainResult``."""
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     from training.runner import run
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"--mixed-precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    if accelerator.is_main_process:
+    # The process state (device, rank) is enough to load the model and data; the runner makes
+    # the Accelerator itself (it knows how to replace one of another precision in a process that
+    # trains several times, e.g. ComfyUI or the tests).
+    state = PartialState()
+    if state.is_main_process:
         os.makedirs(cfg.out, exist_ok=True)
-    task, rcfg, _ = build_task(cfg, accelerator=accelerator, log=log)
-    return run(task, rcfg, accelerator=accelerator, callback=callback, log=log)
+    task, rcfg, _ = build_task(cfg, accelerator=state, log=log)
+    return run(task, rcfg, callback=callback, log=log)
 
 
 def build_parser() -> argparse.ArgumentParser:
