@@ -113,4 +113,6 @@ def test_cli_reports_bad_input_clearly(tiny_model_dir, tmp_path, capsys):
     assert "only takes 32x32" in capsys.readouterr().err
     assert main(common + ["--trainable", "full", "--dtype", "bf16"]) == 2
     assert "use --dtype fp32" in capsys.readouterr().err
+    assert main(common + ["--frames", "9", "--estimator", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "motion_embedder.safetensors")

@@ -287,7 +287,9 @@ def compute_scores(
         return scores.astype(np.float32)
 
     from motion import estimate_motion
+    from motion.estimate import resolve_estimator
 
+    resolve_estimator(estimator)  # a bad estimator path fails now, before any clip is read
     out = np.zeros((len(records), 2), dtype=np.float32)
     for i, r in enumerate(tqdm(records, desc="motion scores", unit="clip", disable=not progress)):
         window, fps = load_window(r.path, frames)

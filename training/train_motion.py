@@ -371,6 +371,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Before training started (loading, estimating scores): nothing was written half-way
+        # (the score cache is written atomically once complete).
+        print("interrupted before training started; nothing to resume yet", file=sys.stderr)
+        return 130
     print(f"{result.status} at step {result.step}; report: {result.report_path}")
     for k, v in (result.report.get("files") or {}).items():
         print(f"  {k}: {v}")
