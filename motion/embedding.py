@@ -404,6 +404,41 @@ def load_motion_embedder(
     return emb.to(device)
 
 
+def load_trained_motion(path: str | os.PathLike, model: Any, *, lazy: bool = False) -> tuple[MotionScoreEmbedding, Any]:
+    """Everything ``training.train_motion`` produced, ready for ``pipelines.sample``.
+
+    Args:
+        path: the embedder file, or the training output folder holding
+            ``motion_embedder.safetensors``.
+        model: the loaded base ``pipelines.I2VModel`` (both files are checked against it).
+        lazy: read the delta's tensors on access (large full fine-tunes).
+    Returns:
+        ``(embedder, weight_schedule)``: ``weight_schedule`` is ``None`` when only the embedder
+        was trained, else ``merging.patcher.ScheduledWeights({"motion": delta},
+        Constant({"motion": 1.0}))`` for the delta named in the embedder's metadata (a file
+        beside it). Pass both to ``pipelines.sample``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "motion_embedder.safetensors")
+    emb = load_motion_embedder(path, model)
+    delta_name = (read_motion_embedder_metadata(path).get("extra") or {}).get("delta")
+    if not delta_name:
+        return emb, None
+    from merging.deltas import load_delta
+    from merging.patcher import ScheduledWeights
+    from merging.schedule import Constant
+
+    delta_path = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(str(delta_name)))
+    if not os.path.exists(delta_path):
+        raise MotionEmbedderFileError(
+            f"motion embedder {path!r} was trained together with the transformer delta {delta_name!r}, "
+            f"which is missing (expected {delta_path!r}); without it the embedder does not match the model"
+        )
+    delta = load_delta(delta_path, model.fingerprint(), lazy=lazy)
+    return emb, ScheduledWeights({"motion": delta}, Constant({"motion": 1.0}))
+
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -414,6 +449,7 @@ __all__ = [
     "build_for_model",
     "check_base",
     "load_motion_embedder",
+    "load_trained_motion",
     "read_motion_embedder_metadata",
     "save_motion_embedder",
     "split_width",

@@ -124,10 +124,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, data, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("family,trainable,frames", [("cogvideox1.5-i2v", "lora", 9), ("svd", "embedder", 4)])
 def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, tmp_path, family, trainable, frames):
-    from merging.deltas import load_delta
-    from merging.patcher import ScheduledWeights
-    from merging.schedule import Constant
-    from motion.embedding import load_motion_embedder
+    from motion.embedding import MotionEmbedderFileError, load_trained_motion
     from pipelines import load_model, sample
 
     model_dir = tiny_model_dir(family)
@@ -137,11 +134,8 @@ def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, 
                "--score-cache", cache, "--no-progress"])
     assert rc == 0
     model = load_model(model_dir)
-    emb = load_motion_embedder(tmp_path / "o" / "motion_embedder.safetensors", model)
-    ws = None
-    if trainable != "embedder":
-        delta = load_delta(tmp_path / "o" / "transformer_delta.safetensors", model.fingerprint())
-        ws = ScheduledWeights({"motion": delta}, Constant({"motion": 1.0}))
+    emb, ws = load_trained_motion(tmp_path / "o", model)
+    assert (ws is None) == (trainable == "embedder")
     img = np.full((32, 32, 3), 128, np.uint8)
     img[8:20, 10:22] = (200, 40, 40)
     common = dict(frames=frames, steps=2, cfg=1.0, seed=3, weight_schedule=ws, motion_embedder=emb)
@@ -155,6 +149,10 @@ def test_outputs_load_in_sampler_and_scores_change_output(tiny_model_dir, data, 
     emb.set_motion_guidance((5.5, 5.5), 2.0)
     guided = sample(model, img, "a cat moves", object_intensity=9.0, camera_intensity=2.0, **common).frames
     assert not torch.equal(plain, guided)
+    if ws is not None:  # the embedder is refused without the delta it was trained with
+        os.remove(tmp_path / "o" / "transformer_delta.safetensors")
+        with pytest.raises(MotionEmbedderFileError, match="transformer_delta.safetensors.*missing"):
+            load_trained_motion(tmp_path / "o", model)
 
 
 @pytest.mark.parametrize("family,trainable,frames", [("cogvideox-i2v", "lora", 9), ("svd", "embedder", 4)])
