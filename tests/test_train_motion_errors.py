@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from motion.embedding import MotionEmbedderFileError, build_for_model, load_motion_embedder, save_motion_embedder
 from training.motion_data import MotionDataError, compute_scores, read_index
