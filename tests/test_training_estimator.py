@@ -235,3 +235,17 @@ def test_cli_bad_input_exit_code_and_message(dataset, tmp_path, capsys):
     rc = main(["--clips", dataset, "--pairs", os.path.join(dataset, "pairs.csv"), "--out", str(tmp_path / "o"),
                "--model-config", '{"colour": 3}'])
     assert rc == 2 and "colour" in capsys.readouterr().err
+
+
+def test_cli_time_budget_finishes_with_steps_done(dataset, tmp_path, capsys):
+    from training.train_estimator import main
+
+    out = tmp_path / "tb"
+    rc = main(["--clips", dataset, "--pairs", os.path.join(dataset, "pairs.csv"), "--out", str(out),
+               "--steps", "50", "--batch", "2", "--max-minutes", "1e-6", "--val-fraction", "0.4",
+               "--cache", str(tmp_path / "labels.jsonl"), "--model-config", json.dumps(TINY), "--no-progress"])
+    assert rc == 0
+    rep = json.load(open(out / "report.json"))
+    assert rep["status"] == "completed" and rep["steps_done"] == 1 and rep["steps"] == 1
+    assert os.path.isfile(out / "estimator.safetensors")
+    assert rep["eval_history"][-1]["step"] == 1
