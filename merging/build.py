@@ -7,7 +7,8 @@ Examples::
         --family cogvideox-i2v --scope temporal --dtype bf16 --dry-run
 
 Inputs are diffusers model folders (the denoiser is used), component folders, single
-``.safetensors`` files or sharded ``*.safetensors.index.json``. The output folder is written
+``.safetensors`` files or sharded ``*.safetensors.index.json``; ``--finetuned`` may also be a
+``motiondial.delta`` of ``--base`` (``ft = base + delta``, its base fingerprint checked). The output folder is written
 atomically: on an error or Ctrl-C nothing is left behind.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, help="base (pre-trained) model: diffusers folder, .safetensors or index.json")
     p.add_argument("--finetuned", required=True, action="append",
-                   help="fine-tuned model of the same architecture (repeat for --recipe ties)")
+                   help="fine-tuned model of the same architecture, or a motiondial.delta file of --base "
+                   "(ft = base + delta, e.g. train_adapter's finetune_delta.safetensors); repeat for --recipe ties")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--recipe", default="ed", choices=("ed", "task-vector", "ties"))
     p.add_argument("--scope", default="all",
@@ -100,6 +102,22 @@ def _interrupt_on_signals():
             signal.signal(n, h)
 
 
+@contextlib.contextmanager
+def _cli_threads():
+    """The CLI's torch thread count (up to 4: the arithmetic is memory-bound beyond that), for
+    this run only: ``main()`` may be called in-process (tests, nodes), where a changed global
+    thread count would leak into the caller. Results do not depend on it (elementwise fp32
+    arithmetic is the same on any number of threads; tested)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _build(args: argparse.Namespace, common: dict):
     from .recipes import build_ed, build_task_vector, build_ties
 
@@ -115,11 +133,8 @@ def _build(args: argparse.Namespace, common: dict):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import torch
-
     from .errors import MergeError
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if args.recipe != "ties" and len(args.finetuned) != 1:
         print(f"error: --recipe {args.recipe} takes one --finetuned (ties takes several)", file=sys.stderr)
         return EXIT_ERROR
@@ -139,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   overwrite=args.overwrite, allow_dtype_mismatch=args.allow_dtype_mismatch,
                   max_shard_bytes=int(args.shard_size * 1e6), progress=progress)
     try:
-        with _interrupt_on_signals():
+        with _interrupt_on_signals(), _cli_threads():
             res = _build(args, common)
     except KeyboardInterrupt:
         if bar is not None:

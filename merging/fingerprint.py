@@ -25,7 +25,8 @@ import torch
 
 from .errors import FingerprintMismatchError
 
-__all__ = ["fingerprint_state", "fingerprint_checkpoint", "check_fingerprint", "describe_fingerprint", "same_weights"]
+__all__ = ["fingerprint_state", "fingerprint_checkpoint", "fingerprint_with_delta", "check_fingerprint", "describe_fingerprint",
+           "same_weights"]
 
 FINGERPRINT_FORMAT = "motiondial.fingerprint"
 FINGERPRINT_VERSION = 1
@@ -115,6 +116,33 @@ def fingerprint_checkpoint(path: Any) -> dict[str, Any]:
                 info = ckpt.tensors[key]
                 values = read_elements(f, info, sample_indices(key, info.numel))
                 entries[key] = (list(info.shape), *_digests(values))
+    return _assemble(entries)
+
+
+def fingerprint_with_delta(base: Any, delta: Any) -> dict[str, Any]:
+    """Fingerprint of ``base + delta`` without materialising it (16 elements read per tensor).
+
+    ``base`` and ``delta`` are checkpoints or paths (``merging.checkpoint.open_checkpoint``);
+    keys absent from the delta keep the base's values. The sum is taken in fp32, so the result
+    equals ``fingerprint_checkpoint`` of ``base + delta`` written in fp32 (a fine-tune given as
+    a delta is identified as the same model as its fp32 full copy).
+    """
+    from .checkpoint import open_checkpoint
+    from .safetensors_io import read_elements
+
+    b = base if hasattr(base, "tensors") and hasattr(base, "files") else open_checkpoint(base)
+    d = delta if hasattr(delta, "tensors") and hasattr(delta, "files") else open_checkpoint(delta)
+    entries: dict[str, tuple[list[int], str, str]] = {}
+    for key, info in b.tensors.items():
+        idx = sample_indices(key, info.numel)
+        with open(info.file, "rb") as f:
+            values = read_elements(f, info, idx)
+        if key in d.tensors and idx:
+            dinfo = d.tensors[key]
+            with open(dinfo.file, "rb") as f:
+                dv = read_elements(f, dinfo, idx)
+            values = (torch.tensor(values, dtype=torch.float32) + torch.tensor(dv, dtype=torch.float32)).tolist()
+        entries[key] = (list(info.shape), *_digests(values))
     return _assemble(entries)
 
 

@@ -16,8 +16,9 @@ Why from the base and in fp32: adding and removing a small delta in place, step 
 bf16 destroys it (platform.md measured a relative error of 2.3 after 50 steps). Here the only
 rounding is the final cast to the parameter's dtype, once per change.
 
-A static merge that uses the same arithmetic (``static_merge``) gives bit-identical weights, so
-a ``Constant`` schedule samples exactly what the statically merged model samples.
+Static merges use the same function (``accumulate``: ``static_merge`` here, and
+``merging.recipes`` for ``--merged`` models and ``merge_deltas``), so a ``Constant`` schedule
+samples exactly what the statically merged model samples.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ScheduledWeights", "ScheduledPredictions", "WeightPatcher", "PatchError", "static_merge"]
+__all__ = ["ScheduledWeights", "ScheduledPredictions", "WeightPatcher", "PatchError", "accumulate", "static_merge"]
 
 
 class PatchError(ValueError):
@@ -40,27 +41,48 @@ class PatchError(ValueError):
 CHUNK = 1 << 18
 
 
-def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor,
-                scratch: torch.Tensor | None = None) -> torch.Tensor:
+def _fp32_operand(t: torch.Tensor) -> torch.Tensor:
+    # fp32 and reduced-precision operands meet in fp32 (TensorIterator promotes to the common
+    # dtype); an fp64 delta would pull the arithmetic into fp64, so it is rounded to fp32 first.
+    return t if t.dtype != torch.float64 else t.float()
+
+
+def accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``out = base + sum_k w_k * delta_k`` with every operation in fp32; returns ``out``.
+
+    The one implementation of MotionDial's merge arithmetic: the patcher writes parameters with
+    it, ``static_merge`` and the static merges of ``merging.recipes`` (``--merged``,
+    ``merge_deltas``) compute with it, so they agree bit for bit.
 
     Terms with ``w_k == 0`` are skipped. The first remaining term is fused with the copy of the
     base (``torch.add(base, delta, alpha=w, out=)``), the rest accumulate in place, in order;
-    bf16/fp16 operands are promoted to fp32 before any arithmetic. ``out`` may be the parameter
-    itself (any float dtype): for a non-fp32 ``out`` the sum is formed in fp32 scratch (at least
+    every operation sees at least one fp32 operand, so bf16/fp16 operands are promoted to fp32
+    before any arithmetic (two bf16 operands alone would be added in bf16: then the base is
+    copied into the fp32 accumulator first). ``out`` may be the parameter itself (any float
+    dtype): for a non-fp32 ``out`` the sum is formed in fp32 scratch (at least
     ``min(numel, CHUNK)`` elements; allocated if not given) and rounded once. Tensors larger
     than ``CHUNK`` are processed chunk by chunk (same elementwise arithmetic).
     """
-    nonzero = [(d, w) for d, w in terms if w != 0.0]
+    nonzero = [(_fp32_operand(d), w) for d, w in terms if w != 0.0]
     if not nonzero:
         return out.copy_(base)
+    base = _fp32_operand(base)
+    fuse = torch.promote_types(base.dtype, nonzero[0][0].dtype) == torch.float32
     n = out.numel()
     direct = out.dtype == torch.float32
     if scratch is None and not direct:
         scratch = torch.empty(min(n, CHUNK), dtype=torch.float32, device=out.device)
+
+    def first(b: torch.Tensor, d: torch.Tensor, w: float, acc: torch.Tensor) -> None:
+        if fuse:
+            torch.add(b, d, alpha=w, out=acc)
+        else:  # both reduced precision: widen the base, then add (same fp32 kernel as the fused op)
+            acc.copy_(b).add_(d, alpha=w)
+
     if n <= CHUNK:  # one piece: no flat views needed (most tensors; keeps the per-key overhead low)
         acc = out if direct else scratch[:n].view(out.shape)
-        torch.add(base, nonzero[0][0], alpha=nonzero[0][1], out=acc)
+        first(base, nonzero[0][0], nonzero[0][1], acc)
         for d, w in nonzero[1:]:
             acc.add_(d, alpha=w)
         return out if direct else out.copy_(acc)
@@ -74,7 +96,7 @@ def _accumulate(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]], out
     for i in range(0, n, CHUNK):
         j = min(n, i + CHUNK)
         acc = o[i:j] if direct else scratch[: j - i]
-        torch.add(b[i:j], ds[0][0][i:j], alpha=ds[0][1], out=acc)
+        first(b[i:j], ds[0][0][i:j], ds[0][1], acc)
         for d, w in ds[1:]:
             acc.add_(d[i:j], alpha=w)
         if not direct:
@@ -90,7 +112,7 @@ def static_merge(base: torch.Tensor, terms: list[tuple[torch.Tensor, float]]) ->
     schedule of the same weights.
     """
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
-    return _accumulate(base.contiguous(), [(d.to(base.device).contiguous(), float(w)) for d, w in terms], out=out)
+    return accumulate(base.contiguous(), [(d.to(base.device).contiguous(), float(w)) for d, w in terms], out=out)
 
 
 class ScheduledWeights:
@@ -318,7 +340,7 @@ class WeightPatcher:
                 buf = scratch.get(dev)
                 if buf is None:
                     buf = scratch[dev] = torch.empty(self._scratch_numel, dtype=torch.float32, device=dev)
-            _accumulate(base, terms, out=data, scratch=buf)  # straight into the parameter's storage
+            accumulate(base, terms, out=data, scratch=buf)  # straight into the parameter's storage
 
     @torch.no_grad()
     def restore(self) -> None:

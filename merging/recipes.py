@@ -24,10 +24,11 @@ from families import Family, get_family
 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
-from .deltas import compact_fingerprint, delta_metadata, load_delta
+from .deltas import DELTA_FORMAT, compact_fingerprint, delta_metadata, load_delta
 from .ed_params import ED_DEFAULTS
 from .engine import DEFAULT_SHARD_BYTES, OutputSpec, Plan, check_compatible, parse_dtype, resolve_scope, run, short_dtype
-from .fingerprint import fingerprint_checkpoint
+from .fingerprint import fingerprint_checkpoint, fingerprint_with_delta
+from .patcher import accumulate
 from .schedule import reference_ed_schedule
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "TaskVectorRecipe",
     "TiesRecipe",
     "ApplyRecipe",
+    "FinetunedFromDelta",
     "BuildResult",
     "build_ed",
     "build_task_vector",
@@ -59,6 +61,7 @@ class EDRecipe:
         self.a_dyn, self.b_dyn, self.a_con, self.b_con, self.p, self.seed = a_dyn, b_dyn, a_con, b_con, p, seed
         self.merged = merged
         self.outputs = ("dynamics", "control") + (("dynamics_model", "control_model") if merged else ())
+        self.delta_dtype: torch.dtype | None = None  # storage dtype of the deltas (set by the build)
         self._scratch: dict[str, torch.Tensor] = {}
 
     def _buf(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -83,8 +86,8 @@ class EDRecipe:
         con.add_(ft if self.a_con == 1.0 else torch.mul(ft, self.a_con, out=self._buf("aft", ft))).sub_(pre)
         out = {"dynamics": dyn, "control": con}
         if self.merged:
-            out["dynamics_model"] = torch.add(pre, dyn, out=self._buf("dyn_model", pre))
-            out["control_model"] = torch.add(pre, con, out=self._buf("con_model", pre))
+            out["dynamics_model"] = accumulate(pre, [(_as_stored(dyn, self.delta_dtype), 1.0)], out=self._buf("dyn_model", pre))
+            out["control_model"] = accumulate(pre, [(_as_stored(con, self.delta_dtype), 1.0)], out=self._buf("con_model", pre))
         return out
 
 
@@ -98,6 +101,7 @@ class TaskVectorRecipe:
         self.merged = merged
         self.elementwise = density is None  # top-k needs the whole tensor
         self.outputs = (name,) + ((f"{name}_model",) if merged else ())
+        self.delta_dtype: torch.dtype | None = None  # storage dtype of the delta (set by the build)
 
     def compute(self, key, inputs, shape, offset):
         pre = inputs["base"]
@@ -109,7 +113,7 @@ class TaskVectorRecipe:
         d = self.scale * tau
         out = {self.name: d}
         if self.merged:
-            out[f"{self.name}_model"] = pre + d
+            out[f"{self.name}_model"] = accumulate(pre, [(_as_stored(d, self.delta_dtype), 1.0)], out=torch.empty_like(pre))
         return out
 
 
@@ -122,6 +126,7 @@ class TiesRecipe:
         self.inputs = ("base",) + tuple(f"finetuned{i}" for i in range(n))
         self.density, self.scale, self.weights, self.name, self.merged = density, scale, weights, name, merged
         self.outputs = (name,) + ((f"{name}_model",) if merged else ())
+        self.delta_dtype: torch.dtype | None = None  # storage dtype of the delta (set by the build)
 
     def compute(self, key, inputs, shape, offset):
         pre = inputs["base"]
@@ -129,26 +134,48 @@ class TiesRecipe:
         d = self.scale * ops.ties_merge(taus, self.density, self.weights)
         out = {self.name: d}
         if self.merged:
-            out[f"{self.name}_model"] = pre + d
+            out[f"{self.name}_model"] = accumulate(pre, [(_as_stored(d, self.delta_dtype), 1.0)], out=torch.empty_like(pre))
         return out
 
 
 class ApplyRecipe:
-    """``merged = base + sum_k w_k * Δ_k`` (deltas may cover a subset of keys)."""
+    """``merged = base + sum_k w_k * Δ_k`` (deltas may cover a subset of keys).
+
+    The arithmetic is the patcher's (``merging.patcher.accumulate``): a key a delta lacks is no
+    term at all (not a zero term), so the result equals what a ``Constant`` schedule of the
+    same weights writes into the model, bit for bit.
+    """
 
     elementwise = True
 
-    def __init__(self, weights: Mapping[str, float], name: str = "merged") -> None:
+    def __init__(self, weights: Mapping[str, float], name: str = "merged",
+                 keys: Mapping[str, Any] | None = None) -> None:
         self.weights = dict(weights)
         self.inputs = ("base",) + tuple(self.weights)
         self.outputs = (name,)
         self.name = name
+        # name -> the keys that delta holds (None: every key)
+        self.keys = {n: (set(keys[n]) if keys is not None and n in keys else None) for n in self.weights}
+        self._out: torch.Tensor | None = None
 
     def compute(self, key, inputs, shape, offset):
-        out = inputs["base"]
-        for n, w in self.weights.items():
-            out = out + w * inputs[n]
-        return {self.name: out}
+        base = inputs["base"]
+        terms = [(inputs[n], w) for n, w in self.weights.items() if self.keys[n] is None or key in self.keys[n]]
+        if self._out is None or self._out.numel() < base.numel():
+            self._out = torch.empty(base.numel(), dtype=torch.float32)
+        out = self._out[: base.numel()].view(base.shape)
+        return {self.name: accumulate(base, terms, out=out)}
+
+
+def _as_stored(delta: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The delta as a sampler will read it back from its file (rounded to the storage dtype).
+
+    A ``--merged`` model is ``base + (stored delta)``, so that it equals patching the base with
+    the delta file (``Constant`` schedule) bit for bit, also for bf16/fp16 deltas.
+    """
+    if dtype is None or dtype == torch.float32:
+        return delta
+    return delta.to(dtype).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +209,49 @@ class Prepared:
     family: Family | None
     scope_keys: list[str]
     dtype: torch.dtype
+    from_delta: tuple[str, ...] = ()  # fine-tuned inputs given as deltas (ft = base + delta)
+
+
+class FinetunedFromDelta:
+    """Wrap a recipe so that the fine-tuned inputs named in ``names`` may be deltas.
+
+    Before the recipe sees a chunk, each such input becomes ``ft = base + delta`` with the
+    patcher's arithmetic (``accumulate``); a key the delta lacks is a zero delta (``ft`` is the
+    base, bit for bit). The result equals running the recipe on ``merge_deltas(base, {delta:
+    1.0})`` written in fp32, exactly.
+    """
+
+    def __init__(self, recipe: Any, names: Mapping[str, Checkpoint]) -> None:
+        self.recipe = recipe
+        self.inputs, self.outputs, self.elementwise = recipe.inputs, recipe.outputs, recipe.elementwise
+        self.keys = {n: set(c.tensors) for n, c in names.items()}
+
+    def compute(self, key, inputs, shape, offset):
+        base = inputs["base"]
+        for n, keys in self.keys.items():
+            d = inputs[n]  # the engine's fp32 buffer for this input: overwritten in place
+            accumulate(base, [(d, 1.0)] if key in keys else [], out=d)
+        return self.recipe.compute(key, inputs, shape, offset)
+
+
+def _open_finetuned(base: Checkpoint, others: Mapping[str, str | Checkpoint]) -> tuple[dict[str, Checkpoint], tuple[str, ...]]:
+    """Open the fine-tuned inputs; those that are ``motiondial.delta`` files must belong to ``base``.
+
+    Returns the checkpoints and the names of the inputs given as deltas. A delta built for
+    another base raises ``FingerprintMismatchError`` naming the delta and both models.
+    """
+    opened = {n: (c if isinstance(c, Checkpoint) else open_checkpoint(c)) for n, c in others.items()}
+    deltas = tuple(n for n, c in opened.items() if c.metadata.get("format") == DELTA_FORMAT)
+    if deltas:
+        base_fp = fingerprint_checkpoint(base)
+        for n in deltas:
+            load_delta(opened[n].path, base_fp, lazy=True)  # format/version and base checks
+    return opened, deltas
+
+
+def _finetuned_fingerprint(prep: "Prepared", name: str) -> dict[str, Any]:
+    c = prep.others[name]
+    return fingerprint_with_delta(prep.base, c) if name in prep.from_delta else fingerprint_checkpoint(c)
 
 
 def _auto_dtype(base: Checkpoint, keys: Sequence[str]) -> torch.dtype:
@@ -201,17 +271,33 @@ def prepare(
     dtype: str | torch.dtype = "auto",
     allow_dtype_mismatch: bool = False,
     partial: Sequence[str] = (),
+    finetuned_deltas: bool = False,
 ) -> Prepared:
-    """Open and cross-check the inputs; resolve the family, the scope and the output dtype."""
+    """Open and cross-check the inputs; resolve the family, the scope and the output dtype.
+
+    With ``finetuned_deltas`` every input in ``others`` may also be a ``motiondial.delta`` of
+    ``base`` (checked by fingerprint): it then stands for ``base + delta``, keys it lacks being
+    zero (``Prepared.from_delta`` names those inputs; wrap the recipe in ``FinetunedFromDelta``).
+    """
     b = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    o = {n: (c if isinstance(c, Checkpoint) else open_checkpoint(c)) for n, c in others.items()}
-    check_compatible(b, o, allow_dtype_mismatch=allow_dtype_mismatch, partial=partial)
+    if finetuned_deltas:
+        o, from_delta = _open_finetuned(b, others)
+    else:
+        o, from_delta = {n: (c if isinstance(c, Checkpoint) else open_checkpoint(c)) for n, c in others.items()}, ()
+    check_compatible(b, o, allow_dtype_mismatch=allow_dtype_mismatch, partial=tuple(partial) + from_delta)
     fam = get_family(family) if isinstance(family, str) else family
     fam = fam or b.family or next((c.family for c in o.values() if c.family is not None), None)
+    if fam is None:  # a delta records the family it was built for
+        fam = next((get_family(o[n].metadata["family"]) for n in from_delta if o[n].metadata.get("family")), None)
     floating = [k for k, i in b.tensors.items() if i.dtype.is_floating_point]
     scope_keys = resolve_scope(scope, floating, fam)
     dt = _auto_dtype(b, scope_keys) if dtype == "auto" else parse_dtype(dtype)
-    return Prepared(b, o, fam, scope_keys, dt)
+    return Prepared(b, o, fam, scope_keys, dt, from_delta)
+
+
+def _wrap(recipe: Any, prep: Prepared) -> Any:
+    recipe.delta_dtype = prep.dtype
+    return FinetunedFromDelta(recipe, {n: prep.others[n] for n in prep.from_delta}) if prep.from_delta else recipe
 
 
 def _link_or_copy_tree(src: str, dst: str) -> None:
@@ -349,16 +435,17 @@ def build_ed(
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
-    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype,
+                   allow_dtype_mismatch=allow_dtype_mismatch, finetuned_deltas=True)
     inputs = {"base": prep.base, **prep.others}
     params = {"a_dyn": a_dyn, "b_dyn": b_dyn, "a_con": a_con, "b_con": b_con, "p": p}
-    recipe = EDRecipe(a_dyn, b_dyn, a_con, b_con, p, seed, merged=merged)
+    recipe = _wrap(EDRecipe(a_dyn, b_dyn, a_con, b_con, p, seed, merged=merged), prep)
     fam = prep.family.name if prep.family else None
     if dry_run:
         base_fp = ft_fp = {"format": "motiondial.fingerprint"}
     else:
         base_fp = fingerprint_checkpoint(prep.base)
-        ft_fp = fingerprint_checkpoint(prep.others["finetuned"])
+        ft_fp = _finetuned_fingerprint(prep, "finetuned")
     common = dict(recipe="ed", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys), dtype=prep.dtype,
                   family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)
     meta = {
@@ -369,7 +456,7 @@ def build_ed(
         "format": "motiondial.build", "version": 1, "recipe": "ed", "params": params, "seed": seed, "scope": scope,
         "n_keys_in_scope": len(prep.scope_keys), "dtype": short_dtype(prep.dtype), "family": fam,
         "base": os.path.abspath(prep.base.path), "finetuned": os.path.abspath(prep.others["finetuned"].path),
-        "base_fingerprint": compact_fingerprint(base_fp), "finetuned_fingerprint": compact_fingerprint(ft_fp),
+        "finetuned_is_delta": "finetuned" in prep.from_delta, "base_fingerprint": compact_fingerprint(base_fp), "finetuned_fingerprint": compact_fingerprint(ft_fp),
     }
     return _execute(
         prep, inputs, recipe, meta, ["dynamics_model", "control_model"] if merged else [], out_dir,
@@ -402,12 +489,13 @@ def build_task_vector(
 
     ``scale > 1`` extrapolates towards/past the fine-tune, ``scale < 0`` away from it.
     """
-    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype,
+                   allow_dtype_mismatch=allow_dtype_mismatch, finetuned_deltas=True)
     inputs = {"base": prep.base, **prep.others}
-    recipe = TaskVectorRecipe(scale, dare_p, density, seed, name, merged)
+    recipe = _wrap(TaskVectorRecipe(scale, dare_p, density, seed, name, merged), prep)
     params = {"scale": scale, "dare_p": dare_p, "density": density}
     base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
-    ft_fp = None if dry_run else fingerprint_checkpoint(prep.others["finetuned"])
+    ft_fp = None if dry_run else _finetuned_fingerprint(prep, "finetuned")
     fam = prep.family.name if prep.family else None
     meta = {name: delta_metadata(name=name, recipe="task_vector", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys),
                                  dtype=prep.dtype, family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)}
@@ -440,9 +528,10 @@ def build_ties(
     if not finetuned:
         raise ValueError("build_ties needs at least one fine-tuned checkpoint")
     others = {f"finetuned{i}": c for i, c in enumerate(finetuned)}
-    prep = prepare(base, others, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch)
+    prep = prepare(base, others, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch,
+                   finetuned_deltas=True)
     inputs = {"base": prep.base, **prep.others}
-    recipe = TiesRecipe(len(finetuned), density, scale, weights, name, merged)
+    recipe = _wrap(TiesRecipe(len(finetuned), density, scale, weights, name, merged), prep)
     params = {"density": density, "scale": scale, "weights": list(weights) if weights else None, "n_finetuned": len(finetuned)}
     base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
     fam = prep.family.name if prep.family else None
@@ -481,7 +570,7 @@ def merge_deltas(
     rank = {k: i for i, k in enumerate(b.tensors)}
     scope_keys = sorted(set().union(*[set(c.tensors) for c in named.values()]), key=rank.__getitem__)
     prep.scope_keys = scope_keys
-    recipe = ApplyRecipe(weights, name="merged")
+    recipe = ApplyRecipe(weights, name="merged", keys={n: c.tensors for n, c in named.items()})
     recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "apply",
                    "deltas": {os.path.abspath(p): float(w) for p, w in deltas.items()}, "dtype": short_dtype(prep.dtype)}
     return _execute(prep, {"base": b, **named}, recipe, {}, ["merged"], out_dir, dry_run=False, overwrite=overwrite,
