@@ -48,7 +48,7 @@ def test_train_demo_exports_loadable_files_and_resumes(tmp_path):
     def cfg(steps):
         return DemoTrainConfig(out=str(tmp_path / "run"), seed=0, model=TINY_MODEL, data=TINY_DATA, clips=4,
                                vae_steps=2, vae_batch=1, steps=steps, batch=1, warmup_steps=1,
-                               checkpoint_every=1, progress=False)
+                               checkpoint_every=1, vae_check_seeds=0, progress=False)
 
     s1 = train_demo(cfg(2), log=lambda *_: None)
     assert s1["status"] == "completed" and s1["step"] == 2
@@ -65,3 +65,14 @@ def test_train_demo_exports_loadable_files_and_resumes(tmp_path):
     assert s2["status"] == "completed" and s2["step"] == 3
     report = json.load(open(tmp_path / "run" / "motion" / "report.json"))
     assert [sess["started_at_step"] for sess in report["sessions"]][-1] == 2
+
+    # ED on it: a 1-step stage-1 fine-tune of the temporal layers, the ED deltas, and the four
+    # motion degrees through the real sampler (scheduled weights restored after each run).
+    from training.demo_ed import run_demo_ed
+
+    ed = run_demo_ed(s2["files"]["model"], s2["files"]["embedder"], str(tmp_path / "ed"), steps=1, batch=1, clips=24,
+                     images=1, sample_steps=2, progress=False, log=lambda *_: None)
+    assert ed["status"] == "completed"
+    assert set(ed["motion_degree"]) == {"base", "finetuned", "extrapolated", "ed_scheduled"}
+    assert all(np.isfinite(v["total"]) for v in ed["motion_degree"].values())
+    assert os.path.isfile(tmp_path / "ed" / "ed" / "dynamics.safetensors")

@@ -50,6 +50,10 @@ class DemoDataConfig:
     #: object side as a fraction of min(height, width)
     object_size: tuple[float, float] = (0.3, 0.45)
     noise: float = 0.0  # sensor noise (grey levels); 0: the demo model need not learn noise
+    #: render at ``supersample`` x the size and shrink (area average): removes the pixel-level
+    #: aliasing of the textures, which a small autoencoder cannot reproduce, while keeping the
+    #: speeds (% of the diagonal per second does not depend on the resolution).
+    supersample: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -66,6 +70,7 @@ def speed_for_score(score: float) -> float:
 def demo_spec(rng: np.random.Generator, cfg: DemoDataConfig, object_score: float, camera_score: float) -> ClipSpec:
     """The clip for the given scores; background, object look and placement come from ``rng``."""
     cam = speed_for_score(camera_score)
+    k = max(1, int(cfg.supersample))
     obj = speed_for_score(object_score)
     size = float(rng.uniform(*cfg.object_size))
     # The object's world position at mid-clip is near the centre (the camera sees the world
@@ -75,7 +80,7 @@ def demo_spec(rng: np.random.Generator, cfg: DemoDataConfig, object_score: float
                           offset=offset, velocity=(obj * OBJECT_DIRECTION[0], obj * OBJECT_DIRECTION[1]),
                           seed=int(rng.integers(0, 2**31 - 1)))]
     kind = {(False, False): "static", (True, False): "object", (False, True): "camera", (True, True): "both"}[(obj > 0, cam > 0)]
-    return ClipSpec(kind=kind, frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
+    return ClipSpec(kind=kind, frames=cfg.frames, height=cfg.height * k, width=cfg.width * k, fps=cfg.fps,
                     background=str(rng.choice(TEXTURE_KINDS)), pan=(cam * CAMERA_DIRECTION[0], cam * CAMERA_DIRECTION[1]),
                     objects=objects, noise=cfg.noise, seed=int(rng.integers(0, 2**31 - 1)))
 
@@ -99,6 +104,11 @@ def demo_clip(seed: int, index: int, cfg: DemoDataConfig = DemoDataConfig(),
     o = o if object_score is None else float(object_score)
     c = c if camera_score is None else float(camera_score)
     frames, meta = render_clip(demo_spec(rng, cfg, o, c))
+    if cfg.supersample > 1:
+        import cv2
+
+        frames = np.stack([cv2.resize(f, (cfg.width, cfg.height), interpolation=cv2.INTER_AREA) for f in frames])
+        meta.update(height=cfg.height, width=cfg.width)
     meta["object_score"], meta["camera_score"] = o, c
     return frames, meta
 

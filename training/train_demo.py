@@ -50,6 +50,9 @@ class DemoTrainConfig:
     vae_batch: int = 4
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
+    #: after the autoencoder stage, measure control of ground-truth clips *through* the VAE on
+    #: a 5 x 5 grid x this many clips (the ceiling any UNet on these latents can reach); 0: skip
+    vae_check_seeds: int = 1
     steps: int = 4000
     batch: int = 8
     lr: float = 5e-4
@@ -74,6 +77,7 @@ class DemoTrainConfig:
 
 # -- stage 1: the autoencoder ------------------------------------------------------------------
 def _vae_task(cfg: DemoTrainConfig, pipe: Any, data: DemoClipDataset):
+    from training.checkpoint import atomic_write_json
     from training.runner import RunnerConfig, TrainTask
 
     vae = pipe.vae
@@ -103,8 +107,10 @@ def _vae_task(cfg: DemoTrainConfig, pipe: Any, data: DemoClipDataset):
         # SVD scales latents by scaling_factor for the UNet; unit variance suits its EDM sigmas.
         m.register_to_config(scaling_factor=float(1.0 / lat.std()))
         folder = save_pipeline_atomic(pipe, os.path.join(out_dir, "model"))
-        with open(os.path.join(out_dir, "vae_quality.json"), "w") as f:
-            json.dump({"psnr_db": psnr, "latent_std": float(lat.std()), "scaling_factor": float(1.0 / lat.std())}, f)
+        quality = {"psnr_db": psnr, "latent_std": float(lat.std()), "scaling_factor": float(1.0 / lat.std())}
+        if cfg.vae_check_seeds:
+            quality["motion_ceiling"] = vae_motion_ceiling(m, cfg.data, cfg.seed + 1000, cfg.vae_check_seeds)
+        atomic_write_json(os.path.join(out_dir, "vae_quality.json"), quality)
         return {"model": folder}
 
     task = TrainTask(name="demo_vae", model=vae, batch_fn=batch_fn, loss_fn=loss_fn, save_fn=save_fn,
@@ -112,6 +118,29 @@ def _vae_task(cfg: DemoTrainConfig, pipe: Any, data: DemoClipDataset):
     rcfg = RunnerConfig(out_dir=os.path.join(cfg.out, "vae"), steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed,
                         checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, lr_schedule="cosine", warmup_steps=20)
     return task, rcfg
+
+
+@torch.no_grad()
+def vae_motion_ceiling(vae: nn.Module, data_cfg: DemoDataConfig, seed: int, seeds: int = 1,
+                       levels: Sequence[float] = (1, 3, 5, 7, 9)) -> dict[str, float]:
+    """Control metrics (``training.demo_control.control_metrics``) of ground-truth demo clips
+    after an encode/decode round trip: what the flow estimator can still see through the VAE."""
+    from motion import estimate_motion
+    from training.demo_control import control_metrics
+    from training.demo_data import demo_clip
+
+    rows = []
+    for o in levels:
+        for c in levels:
+            for i in range(seeds):
+                f, _ = demo_clip(seed, i, data_cfg, object_score=o, camera_score=c)
+                x = torch.from_numpy(f).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                rec = vae.decode(vae.encode(x).latent_dist.mean, num_frames=len(f)).sample
+                u = ((rec.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                s = estimate_motion(u, data_cfg.fps, "flow")
+                rows.append((o, c, s.object, s.camera))
+    r = np.asarray(rows)
+    return control_metrics(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
 
 
 # -- stage 2: the motion-conditioned UNet ------------------------------------------------------
