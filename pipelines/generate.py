@@ -1,8 +1,8 @@
 """The main job: one image -> one ``.mp4``.
 
     python -m pipelines.generate [--model DIR] [--image PATH] [--prompt TEXT] [--object N --camera N
-                                  --embedder FILE] [--frames N] [--steps N] [--cfg X] [--seed N]
-                                  [--out PATH] ...
+                                  --embedder FILE] [--text-adapter FILE [--text-encoder DIR]]
+                                  [--frames N] [--steps N] [--cfg X] [--seed N] [--out PATH] ...
 
 Without ``--model`` it builds a tiny, *untrained* model on the fly (random weights, a few
 hundredths of a second) and says so: the video shows the pipeline working end to end, not
@@ -29,6 +29,7 @@ FAMILY_DEFAULTS = {  # steps / cfg of the reference samplers
     "cogvideox1.5-i2v": {"steps": 50, "cfg": 6.0},
     "svd": {"steps": 25, "cfg": 3.0},
 }
+DEFAULT_PROMPT = "a sailboat drifts on the sea at sunset, gentle waves"
 UNTRAINED_NOTE = (
     "NOTE: no --model given, so this video comes from a tiny UNTRAINED model with random weights, "
     "built on the fly. It shows the pipeline running end to end; it is noise-like and says nothing "
@@ -44,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local diffusers model folder (CogVideoX-I2V 1.0/1.5, SVD/SVD-XT); "
                    "default: a tiny untrained model built on the fly")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="input image (default: the bundled sample image)")
-    p.add_argument("--prompt", default="a sailboat drifts on the sea at sunset, gentle waves",
-                   help="text prompt (CogVideoX; SVD ignores it)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (CogVideoX)")
+    p.add_argument("--prompt", default=None,
+                   help=f"text prompt (default for CogVideoX and with --text-adapter: {DEFAULT_PROMPT!r}); SVD reads "
+                   "it only through --text-adapter and otherwise ignores it (with a warning)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (CogVideoX; SVD with --text-adapter)")
+    p.add_argument("--text-adapter", default=None,
+                   help="SVD: text adapter file from training.train_adapter (text_adapter.safetensors); the prompt "
+                   "then steers the temporal layers")
+    p.add_argument("--text-encoder", default=None,
+                   help="CLIP text-encoder folder for --text-adapter (default: the folder recorded in the adapter file)")
     p.add_argument("--object", type=float, default=None, dest="object_intensity",
                    help="object-motion score 1..10 (needs --embedder)")
     p.add_argument("--camera", type=float, default=None, dest="camera_intensity",
@@ -93,6 +100,10 @@ def run(args: argparse.Namespace) -> str:
                          "model); without one the scores could have no effect")
     if not os.path.isfile(args.image):
         raise ValueError(f"--image {args.image}: no such file")
+    if args.text_encoder is not None and args.text_adapter is None:
+        raise ValueError("--text-encoder is the text encoder of a --text-adapter; pass --text-adapter FILE too")
+    if args.text_adapter is not None and not os.path.isfile(args.text_adapter):
+        raise ValueError(f"--text-adapter {args.text_adapter}: no such file")
     untrained = args.model is None
     with tempfile.TemporaryDirectory(prefix="motiondial-tiny-") as tmp:
         if untrained:
@@ -109,6 +120,19 @@ def run(args: argparse.Namespace) -> str:
             DEFAULT_TINY["steps"] if untrained else FAMILY_DEFAULTS[fam]["steps"])
         cfg = args.cfg if args.cfg is not None else FAMILY_DEFAULTS[fam]["cfg"]
 
+        text_control = None
+        if args.text_adapter:
+            if model.family.text_conditioned:
+                raise ValueError(f"--text-adapter: {fam} already reads the prompt in every block; text adapters are "
+                                 "for SVD (drop --text-adapter)")
+            from textadapter import load_text_control
+
+            text_control = load_text_control(args.text_adapter, args.text_encoder, base_fingerprint=model.fingerprint(),
+                                             device=model.device)
+        prompt = args.prompt
+        if prompt is None:  # SVD without an adapter has no text input: no default prompt to ignore
+            prompt = DEFAULT_PROMPT if model.family.text_conditioned or text_control is not None else ""
+
         embedder = None
         if args.embedder:
             from motion.embedding import load_motion_embedder
@@ -122,10 +146,10 @@ def run(args: argparse.Namespace) -> str:
                 bar.update(step - bar.n)
 
         try:
-            video = sample(model, args.image, args.prompt, negative_prompt=args.negative_prompt, frames=frames,
+            video = sample(model, args.image, prompt, negative_prompt=args.negative_prompt, frames=frames,
                            steps=steps, cfg=cfg, seed=args.seed, height=args.height, width=args.width, fps=args.fps,
                            object_intensity=args.object_intensity, camera_intensity=args.camera_intensity,
-                           motion_embedder=embedder, progress=progress)
+                           motion_embedder=embedder, text_control=text_control, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -134,7 +158,7 @@ def run(args: argparse.Namespace) -> str:
     settings = dict(video.settings)
     if untrained:
         settings["model"] = f"(embedded tiny untrained {DEFAULT_TINY_FAMILY} model, seed 0)"
-    settings.update(image=os.path.abspath(args.image), embedder=args.embedder, out=path,
+    settings.update(image=os.path.abspath(args.image), embedder=args.embedder, text_encoder=args.text_encoder, out=path,
                     untrained_model=untrained, offload=args.offload, vae_tiling=args.vae_tiling,
                     vae_slicing=args.vae_slicing)
     print("settings used:")

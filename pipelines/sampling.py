@@ -8,7 +8,9 @@ PyTorch hooks for the duration of one call:
   the common noise level (0 clean .. 1 pure noise) and lets a ``merging.patcher.WeightPatcher``
   set the scheduled weights before the denoiser runs;
 * a forward hook on the family's timestep-embedding module adds the motion embedder's output,
-  ``[uncond; cond]`` over the CFG batch.
+  ``[uncond; cond]`` over the CFG batch;
+* for SVD with a ``text_control`` (``textadapter.TextControl``), the text adapter's hooks on the
+  UNet's temporal blocks, so that the prompt steers the temporal layers.
 
 Both are removed, and the weights restored bit for bit, in ``finally``: after success, an
 exception, ``KeyboardInterrupt`` or a progress callback that raises.
@@ -306,6 +308,7 @@ def sample(
     camera_intensity: Optional[float] = None,
     weight_schedule: Optional[ScheduledWeights] = None,
     motion_embedder: Optional[torch.nn.Module] = None,
+    text_control: Optional[Any] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Video:
     """Generate a video from ``image`` (and ``prompt`` for text-conditioned families).
@@ -314,7 +317,9 @@ def sample(
         model: from ``pipelines.load_model``.
         image: path, PIL image, ``[H,W,3]`` array or tensor (see ``load_image``); scaled and
             centre-cropped to the output size (see ``resolve_size``).
-        prompt / negative_prompt: text (CogVideoX); SVD has no text input and ignores them.
+        prompt / negative_prompt: text. CogVideoX reads it natively. SVD has no text input: it
+            reads the prompt only through ``text_control``; without one a non-empty prompt is
+            ignored, with a logged warning and ``settings["prompt_ignored"] = True``.
         frames: CogVideoX 8j+1 in 9..161 (49 and 81 are the reference lengths); SVD 2..128. steps: 1..500.
         cfg: classifier-free guidance scale 1..30 (1 = off). For SVD it is the maximum of SVD's
             per-frame guidance ramp (which starts at 1.0).
@@ -329,6 +334,10 @@ def sample(
             one denoiser run per model, predictions mixed; costs one run per model).
         motion_embedder: module ``(object [B], camera [B]) -> [B, time_embed_dim]`` added to the
             timestep embedding for both CFG halves.
+        text_control: SVD only: a ``textadapter.TextControl`` (``load_text_control``: ED stage 1's
+            text adapter and its CLIP text encoder). For this call its adapter is attached to the
+            UNet's temporal blocks, reading ``prompt`` (conditional half) and ``negative_prompt``
+            (unconditional half). Refused for CogVideoX, whose blocks already see the prompt.
         progress: ``progress(step, total)`` after every step; raising from it cancels the run.
     Returns:
         ``Video(frames [T,H,W,3] float32 0..1, fps)``; the denoiser's weights are unchanged.
@@ -343,6 +352,15 @@ def sample(
     fps = _check_float("fps", fps if fps is not None else fam.default_fps, 1.0, 240.0)
     if progress is not None and not callable(progress):
         raise ValueError("progress must be a callable progress(step, total)")
+    if text_control is not None:
+        if fam.text_conditioned:
+            raise ValueError(
+                f"text_control: {fam.name} already reads the prompt in every transformer block (its own text "
+                "encoder); a text adapter is only for SVD. Pass the prompt alone"
+            )
+        if not callable(getattr(text_control, "prompted", None)):
+            raise ValueError(f"text_control must be a textadapter.TextControl (load_text_control), got "
+                             f"{type(text_control).__name__}")
 
     has_scores = object_intensity is not None or camera_intensity is not None
     if motion_embedder is None and has_scores:
@@ -368,8 +386,12 @@ def sample(
     pil = load_image(image)
     h, w = resolve_size(model, pil.size, height, width)
     pil = fit_image(pil, h, w)
-    if not fam.text_conditioned and (prompt or negative_prompt):
-        logger.info("%s has no text input; the prompt is ignored", fam.name)
+    # SVD has no text path: without a text adapter its prompt cannot have any effect. Say so
+    # (log + settings) rather than fail, so one workflow can drive either family.
+    prompt_ignored = not fam.text_conditioned and text_control is None and bool(prompt or negative_prompt)
+    if prompt_ignored:
+        logger.warning("%s has no text input: the prompt is ignored (pass text_control, a trained text adapter, "
+                       "to steer its temporal layers with it)", fam.name)
 
     denoiser = model.denoiser
     trace: list[StepTrace] = []
@@ -436,6 +458,9 @@ def sample(
                 wrapped = True
             if embeds is not None:
                 handles.append(model.time_embedding.register_forward_hook(add_motion))
+            if text_control is not None:
+                # Encodes the prompts once; the adapter's hooks are removed when the stack unwinds.
+                stack.enter_context(text_control.prompted(denoiser, prompt or "", negative_prompt or ""))
             common = dict(height=h, width=w, num_frames=n_frames, num_inference_steps=n_steps, generator=generator,
                           output_type="pt", callback_on_step_end=on_step_end)
             if fam.name == "svd":
@@ -461,5 +486,7 @@ def sample(
                     weight_schedule=type(weight_schedule.schedule).__name__ if weight_schedule is not None else None,
                     weight_writes=patcher.writes if patcher is not None else 0,
                     motion_embedder=type(motion_embedder).__name__ if motion_embedder is not None else None,
+                    text_control=getattr(text_control, "path", type(text_control).__name__) if text_control is not None
+                    else None, prompt_ignored=prompt_ignored,
                     dtype=str(model.dtype).replace("torch.", ""), device=str(model.device))
     return Video(frames=video, fps=fps, trace=trace, settings=settings)

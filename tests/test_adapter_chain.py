@@ -25,7 +25,7 @@ def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
     from merging.patcher import ScheduledWeights
     from merging.schedule import Schedule
     from pipelines import load_model, sample
-    from training.train_adapter import ADAPTER_FILE, main as train_main
+    from training.train_adapter import ADAPTER_FILE, DELTA_FILE, main as train_main
 
     from training.adapter_data import write_pan_dataset
 
@@ -35,21 +35,24 @@ def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
     stage1 = tmp_path / "stage1"
 
     # Stage 1: adapter + temporal layers, a few steps with a large learning rate so that the
-    # fine-tune is visibly different from the base.
+    # fine-tune is visibly different from the base. No full model copy: the delta is enough.
     assert train_main([
         "--model", svd, "--data", data, "--out", str(stage1), "--text-encoder", clip_dir, "--frames", "4",
         "--num-queries", "4", "--steps", "4", "--lr", "1e-2", "--warmup-steps", "0", "--no-progress", "--preload",
     ]) == 0
+    assert not (stage1 / "finetuned").exists()
 
-    # Stages 2-3: ED deltas from (base, fine-tuned model).
+    # Stages 2-3: ED deltas from (base, stage-1 delta): ft = base + delta.
     ed = tmp_path / "ed"
-    assert build_main(["--base", svd, "--finetuned", str(stage1 / "finetuned" / "merged"), "--out", str(ed), "--quiet"]) == 0
-    torch.set_num_threads(1)  # merging.build's main() sets its own thread count
+    threads = torch.get_num_threads()
+    assert build_main(["--base", svd, "--finetuned", str(stage1 / DELTA_FILE), "--out", str(ed), "--quiet"]) == 0
+    assert torch.get_num_threads() == threads  # the CLI's thread setting does not leak
 
     model = load_model(svd)
     fp = model.fingerprint()
     deltas = load_deltas(ed, fp)
     assert set(deltas) == {"dynamics", "control"}
+    assert any(bool(t.any()) for t in deltas["control"].values())
     weights = ScheduledWeights(deltas, Schedule.load(ed / "schedule.json"))
     # The adapter file remembers its text encoder's folder; the base check refuses other UNets.
     control = load_text_control(stage1 / ADAPTER_FILE, base_fingerprint=fp)
@@ -58,15 +61,22 @@ def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
     before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     kw = dict(frames=4, steps=2, cfg=2.0, seed=0)
     plain = sample(model, image, **kw)
-    with control.prompted(model.denoiser, "camera pans left"):
-        left = sample(model, image, weight_schedule=weights, **kw)
-    with control.prompted(model.denoiser, "camera pans right"):
-        right = sample(model, image, weight_schedule=weights, **kw)
-        six = sample(model, image, weight_schedule=weights, **{**kw, "frames": 6})  # queries interpolated
+    left = sample(model, image, "camera pans left", weight_schedule=weights, text_control=control, **kw)
+    right = sample(model, image, "camera pans right", weight_schedule=weights, text_control=control, **kw)
+    six = sample(model, image, "camera pans right", weight_schedule=weights, text_control=control,
+                 **{**kw, "frames": 6})  # queries interpolated
+    assert left.settings["text_control"] == control.path and not left.settings["prompt_ignored"]
     assert left.frames.shape == (4, 32, 32, 3) and six.frames.shape[0] == 6
     assert np.isfinite(left.frames).all()
     assert np.abs(left.frames - right.frames).max() > 0  # the prompt reaches the video
     assert np.abs(left.frames - plain.frames).max() > 0
+    # The context-manager form (attach around any sampler call) is the same computation.
+    with control.prompted(model.denoiser, "camera pans left"):
+        outer = sample(model, image, weight_schedule=weights, **kw)
+    assert torch.equal(outer.frames, left.frames)
+    # Without the text control the prompt cannot act: ignored, and said so.
+    ignored = sample(model, image, "camera pans left", **kw)
+    assert ignored.settings["prompt_ignored"] and torch.equal(ignored.frames, plain.frames)
     # Weights and hooks are gone afterwards: the base model samples exactly as before.
     after = model.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

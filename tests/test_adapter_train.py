@@ -136,7 +136,7 @@ def test_cli_writes_model_and_adapter_fits_only_its_encoder(stage1, tmp_path):
     out = tmp_path / "out"
     rc = main(["--model", stage1["svd"], "--data", stage1["data"], "--out", str(out), "--text-encoder", stage1["clip"],
                "--frames", "4", "--num-queries", "4", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
-               "--no-progress", "--preload"])
+               "--no-progress", "--preload", "--write-merged"])
     assert rc == 0
     assert sorted(os.listdir(out)) == sorted(["checkpoints", "finetuned", DELTA_FILE, ADAPTER_FILE, "report.json"])
     from pipelines import load_model

@@ -13,7 +13,9 @@ progress, Ctrl-C, ``report.json``). Outputs in ``--out``:
 * ``finetune_delta.safetensors``: ``ft - pre`` for every trained denoiser key, in
   ``merging.deltas`` format with the base fingerprint (LoRA is folded into weight deltas);
 * ``text_adapter.safetensors`` (SVD with an adapter): the adapter, same base fingerprint;
-* ``report.json`` and ``checkpoints/``.
+* ``report.json`` and ``checkpoints/``;
+* with ``--write-merged`` only, ``finetuned/merged/``: a full copy of the fine-tuned model. Not
+  needed by MotionDial: ``merging.build --finetuned`` takes the delta file itself.
 
 See docs/ed_stage1.md for the data format, defaults and how the outputs feed ``merging.build``.
 """
@@ -63,7 +65,8 @@ class Stage1Config:
         new_lr: learning rate of the parameters that start from scratch (adapter, low-rank
             factors); ``None`` = the runner's ``lr``. The pretrained weights keep the runner's ``lr``.
         write_model: also write the fine-tuned model as a complete diffusers folder
-            (``finetuned/merged``: base + delta, in the base's dtype) for ``merging.build --finetuned``.
+            (``finetuned/merged``: base + delta, in the base's dtype), for tools that need a full
+            model. Off by default: ``merging.build --finetuned`` takes the (exact, fp32) delta file.
     """
 
     model: str
@@ -83,7 +86,7 @@ class Stage1Config:
     caption_dropout: float = 0.1
     fps: int = 7
     new_lr: float | None = None
-    write_model: bool = True
+    write_model: bool = False
 
 
 class Stage1Module(nn.Module):
@@ -404,8 +407,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out and start over")
     p.add_argument("--resume", help="resume from this checkpoint folder (default: the newest in --out)")
     p.add_argument("--preload", action="store_true", help="decode every clip once up front (small data sets)")
-    p.add_argument("--no-model", action="store_true",
-                   help="do not write the fine-tuned model folder (finetuned/merged); the delta is always written")
+    p.add_argument("--write-merged", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write the fine-tuned model as a full folder (finetuned/merged, base + delta in the base's "
+                   "dtype). Off by default: merging.build --finetuned takes finetune_delta.safetensors directly")
+    p.add_argument("--no-model", action="store_false", dest="write_merged",
+                   help=argparse.SUPPRESS)  # the former opt-out, now the default
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -419,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scope=args.scope, rank=args.rank, lora_alpha=args.lora_alpha, num_queries=args.num_queries,
         num_heads=args.num_heads, frame_mismatch=args.frame_mismatch, frames=args.frames, height=args.height, width=args.width,
         batch_size=args.batch_size, caption_dropout=args.caption_dropout, fps=args.fps,
-        new_lr=args.new_lr, write_model=not args.no_model,
+        new_lr=args.new_lr, write_model=args.write_merged,
     )
     runner = RunnerConfig(
         out_dir=args.out, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
