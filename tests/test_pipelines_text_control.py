@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines import generate, load_model, sample
-from textadapter import TemporalTextAdapter, load_text_control, save_adapter, temporal_blocks
+from textadapter import TemporalTextAdapter, TextControl, load_text_control, save_adapter, temporal_blocks
 from textadapter.tiny import build_tiny_clip_text
 
 RUN = dict(frames=3, steps=1, cfg=2.0, seed=0)
@@ -57,6 +57,9 @@ def test_text_control_steers_svd_and_is_removed_after(svd, adapter_file):
         sample(svd, _image(), "camera pans left", text_control=control, progress=cancel, **RUN)
     assert _hooks_left(svd) == 0
     assert torch.equal(sample(svd, _image(), **RUN).frames, plain.frames)
+    # A fresh adapter (identity start) leaves the frames bit-identical.
+    fresh = TextControl(TemporalTextAdapter.for_unet(svd.denoiser, 32, num_queries=4), control.text, "fresh")
+    assert torch.equal(sample(svd, _image(), "camera pans left", text_control=fresh, **RUN).frames, plain.frames)
 
 
 def test_text_control_is_refused_where_it_cannot_apply(svd, adapter_file, tiny_model_dir):
