@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Estimator(Protocol):
 class FlowEstimator:
     """The weight-free optical-flow estimator (:mod:`motion.flow`)."""
 
-    config: "object" = None  # motion.flow.FlowConfig; None = defaults
+    config: Optional[Any] = None  # a motion.flow.FlowConfig; None = defaults
     name: str = field(default="flow")
 
     def score(self, frames, fps, progress: Optional[ProgressFn] = None) -> MotionScores:

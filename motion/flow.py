@@ -1,20 +1,21 @@
 """Weight-free object/camera motion estimator (also the pseudo-labeler for training).
 
-Per pair of consecutive frames, at a working resolution:
+Per pair of consecutive frames, at a working resolution (longer side <= 320 px):
 
-1. dense optical flow (OpenCV DIS, preset "fast");
+1. dense optical flow (OpenCV DIS, preset "fast", finest level at >= 160 px);
 2. a global camera model fitted with RANSAC to flow correspondences sampled on a grid
    (a homography: pan, tilt, zoom, roll and perspective all fit; a similarity as fallback);
 3. **camera speed** = mean displacement of the camera model's flow field over the whole frame;
-4. **residual** = flow minus camera flow, on pixels whose camera-mapped position stays inside the
-   frame (border pixels have no true correspondence under a pan or zoom); pixels whose residual
-   exceeds ``max(abs_thresh, rel_thresh * noise)`` (``noise`` = median residual, i.e. the flow
-   error on the background) are the *moving* pixels;
+4. **moving pixels**: pixels whose camera-mapped position stays inside the frame (border pixels
+   have no true correspondence under a pan or zoom), whose flow residual (flow minus camera
+   flow) exceeds ``max(abs_thresh, rel_thresh * median residual)``, and whose camera-compensated
+   frame difference exceeds ``max(photo_abs, photo_rel * its median)`` (the camera model fails
+   to explain their appearance too; flow alone is ambiguous along edges and stripes);
 5. **object speed** = mean residual over the moving pixels × ``min(1, sqrt(area / area_ref))``:
-   the speed of what moves, independent of its size once it covers ``area_ref`` of the frame
-   (5 %), and damped (by the square root of its area) below that, so a small object moving fast
-   and a large one moving slowly land on comparable numbers, and isolated noise specks do not
-   count as objects.
+   the speed of what moves, independent of its size once it covers ``area_ref`` (1 %) of the
+   frame, so a small object moving fast and a large one moving slowly compare by speed; below
+   that it is damped by the square root of the area, so isolated noise specks do not count as
+   objects.
 
 Speeds are converted from working-resolution pixels per frame to **percent of the frame diagonal
 per second** (resolution independent) and averaged over the frame pairs; the per-clip scores on
@@ -67,8 +68,6 @@ class FlowConfig:
     #: edges and stripes: the aperture problem). photo_abs <= 0 disables this test.
     photo_abs: float = 2.0
     photo_rel: float = 3.0
-    photo_norm: bool = False
-    grad_floor: float = 4.0
     #: object area (fraction of the frame) from which object speed no longer depends on size.
     area_ref: float = 0.01
 
@@ -172,13 +171,7 @@ class _PairAnalyser:
         moving = res > max(cfg.abs_thresh, cfg.rel_thresh * _median(res))
         if cfg.photo_abs > 0:
             warped = cv2.remap(b, qx, qy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            diff = cv2.boxFilter(cv2.absdiff(a, warped), cv2.CV_32F, (5, 5))
-            if cfg.photo_norm:
-                gx = cv2.Sobel(a, cv2.CV_32F, 1, 0, ksize=3) * 0.125
-                gy = cv2.Sobel(a, cv2.CV_32F, 0, 1, ksize=3) * 0.125
-                grad = cv2.boxFilter(cv2.magnitude(gx, gy), -1, (5, 5))
-                diff = diff / (grad + cfg.grad_floor)
-            diff = diff[valid]
+            diff = cv2.boxFilter(cv2.absdiff(a, warped), cv2.CV_32F, (5, 5))[valid]
             moving &= diff > max(cfg.photo_abs, cfg.photo_rel * _median(diff))
         n_moving = int(np.count_nonzero(moving))
         if n_moving == 0:
