@@ -53,6 +53,12 @@ class FlowConfig:
     min_side: int = 128
     #: number of flow correspondences (a regular grid) the camera model is fitted to.
     ransac_points: int = 600
+    #: only grid points whose grey-level gradient is at least this (levels/px) take part...
+    min_gradient: float = 2.0
+    #: ... and with fewer such points there is no camera model (camera motion 0).
+    min_points: int = 30
+    #: a camera model must explain at least this fraction of the points (else: no camera motion).
+    min_inlier_fraction: float = 0.25
     #: camera model: "homography" (8 dof) or "similarity" (4 dof: shift, scale, rotation).
     camera_model: str = "homography"
     #: RANSAC inlier threshold in working pixels.
@@ -124,15 +130,20 @@ class _PairAnalyser:
         self.m = m
 
     def fit_camera(self, src: np.ndarray, dst: np.ndarray) -> Optional[np.ndarray]:
-        """Robust 3x3 camera model mapping ``src`` points to ``dst``, or None."""
+        """Robust 3x3 camera model mapping ``src`` points to ``dst``, or None.
+
+        A model that explains fewer than ``min_inlier_fraction`` of the points is no camera
+        motion but noise (e.g. flicker or dithering) and is rejected.
+        """
         cv2, cfg = self.cv2, self.cfg
+        need = max(8, int(cfg.min_inlier_fraction * len(src)))
         if cfg.camera_model == "homography" and len(src) >= 8:
-            H, _ = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_thresh, maxIters=500, confidence=0.995)
-            if H is not None and np.isfinite(H).all() and abs(H[2, 2]) > 1e-8:
+            H, inl = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_thresh, maxIters=500, confidence=0.995)
+            if H is not None and np.isfinite(H).all() and abs(H[2, 2]) > 1e-8 and int(inl.sum()) >= need:
                 return H / H[2, 2]
         if len(src) >= 3:
-            A, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_thresh)
-            if A is not None and np.isfinite(A).all():
+            A, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_thresh)
+            if A is not None and np.isfinite(A).all() and int(inl.sum()) >= need:
                 return np.vstack([A, [0.0, 0.0, 1.0]])
         return None
 
@@ -156,8 +167,15 @@ class _PairAnalyser:
         if np.array_equal(a, b):
             return 0.0, 0.0, 0.0  # exact: identical frames have no motion (no flow noise)
         flow = self.dis.calc(a, b, None)
-        dst = self.src + flow[self.grid_y, self.grid_x]
-        qx, qy = self.camera_map(self.fit_camera(self.src, dst))
+        # Flow is only evidence where there is texture: a flat area "moves" however DIS likes.
+        gx = cv2.Sobel(a, cv2.CV_32F, 1, 0, ksize=3)
+        gy = cv2.Sobel(a, cv2.CV_32F, 0, 1, ksize=3)
+        textured = cv2.magnitude(gx, gy)[self.grid_y, self.grid_x] >= 8.0 * cfg.min_gradient
+        model = None
+        if np.count_nonzero(textured) >= cfg.min_points:
+            src = self.src[textured]
+            model = self.fit_camera(src, src + flow[self.grid_y[textured], self.grid_x[textured]])
+        qx, qy = self.camera_map(model)
         cx, cy = qx - self.xs, qy - self.ys  # camera flow field
         camera = float(cv2.magnitude(cx, cy).mean())
         # Residual only where the camera keeps the pixel inside the frame (minus a border): pixels

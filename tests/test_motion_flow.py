@@ -120,3 +120,10 @@ def test_cli_json_one_object_per_clip(tmp_path, capsys):
     assert "error" in rows[2] and "bad.mp4" in rows[2]["error"]
     assert estimate_cli([b, "--estimator", "ssim"]) == 0
     assert "ssim-baseline" in capsys.readouterr().out
+
+
+def test_flat_flickering_clip_has_no_motion():
+    # No texture, only brightness changes: flow is no evidence there, so no camera model.
+    flicker = np.stack([np.full((60, 80, 3), v, np.uint8) for v in (100, 120, 140, 160)])
+    s = estimate_motion(flicker, FPS)
+    assert s.object == 1.0 and s.camera == 1.0
