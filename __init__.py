@@ -62,5 +62,8 @@ async def comfy_entrypoint():
     return MotionDialExtension()
 
 
-# ComfyUI lists <pack>/workflows/*.json in its Templates menu; no web extension is shipped.
-__all__ = ["comfy_entrypoint", "__version__"]
+# A small frontend extension draws the nodes' result text (e.g. the estimated scores) on the node.
+# ComfyUI lists <pack>/workflows/*.json in its Templates menu by itself.
+WEB_DIRECTORY = "./nodes/web"
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY", "__version__"]
