@@ -90,6 +90,13 @@ def _to_rgb3(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _image_to_uint8(img: np.ndarray) -> np.ndarray:
+    """16-bit (or float 0..1) PNG/TIFF pixels → uint8 0..255."""
+    if np.issubdtype(img.dtype, np.integer):
+        return (img.astype(np.float32) * (255.0 / np.iinfo(img.dtype).max)).round().astype(np.uint8)
+    return (np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 def _natural_key(name: str) -> list:
     # "frame_2.png" sorts before "frame_10.png".
     return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
@@ -161,9 +168,7 @@ def _read_folder(folder: Path, max_frames: Optional[int], max_side: Optional[int
         if img is None:
             raise ClipError(f"{f}: cannot decode this image (corrupt or unsupported format)")
         if img.dtype != np.uint8:
-            # 16-bit PNG/TIFF: keep the top 8 bits.
-            img = (img.astype(np.float32) * (255.0 / np.iinfo(img.dtype).max)).round().astype(np.uint8) \
-                if np.issubdtype(img.dtype, np.integer) else np.clip(img * 255.0, 0, 255).astype(np.uint8)
+            img = _image_to_uint8(img)
         size = img.shape[:2]
         if first_size is None:
             first_size = size

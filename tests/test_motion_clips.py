@@ -119,3 +119,11 @@ def test_bad_writes_leave_nothing(tmp_path):
     with pytest.raises(ValueError, match="fps"):
         write_video(tmp_path / "x.mp4", _frames(), fps=0)
     assert os.listdir(tmp_path) == []
+
+
+def test_sixteen_bit_and_grey_frames_become_rgb_uint8(tmp_path):
+    cv2.imwrite(str(tmp_path / "0.png"), np.full((10, 12), 65535, np.uint16))
+    cv2.imwrite(str(tmp_path / "1.png"), np.full((10, 12), 0, np.uint16))
+    clip = read_clip(tmp_path)
+    assert clip.frames.dtype == np.uint8 and clip.frames.shape == (2, 10, 12, 3)
+    assert clip.frames[0].min() == 255 and clip.frames[1].max() == 0
