@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ScheduledWeights", "ScheduledPredictions", "WeightPatcher", "PatchError", "accumulate", "static_merge"]
+__all__ = ["ScheduledWeights", "ScheduledPredictions", "WeightPatcher", "PatchError", "accumulate", "static_merge",
+           "scheduled", "combine"]
 
 
 class PatchError(ValueError):
@@ -224,6 +225,41 @@ class ScheduledPredictions(ScheduledWeights):
     """
 
     _mode = "predictions"
+
+
+def scheduled(deltas: Mapping[str, Mapping[str, torch.Tensor]], schedule: Any) -> ScheduledWeights:
+    """``ScheduledPredictions`` for a prediction-mixing schedule (``mode == "predictions"``),
+    else ``ScheduledWeights``: the one place that picks the class by the schedule's mode."""
+    cls = ScheduledPredictions if getattr(schedule, "mode", "weights") == "predictions" else ScheduledWeights
+    return cls(deltas, schedule)
+
+
+def combine(*parts: ScheduledWeights) -> ScheduledWeights:
+    """Several scheduled delta sets applied together, e.g. a trained motion delta plus ED task vectors.
+
+    The deltas are the union (names must be disjoint; the order of ``parts`` is the order of
+    the merge arithmetic), the schedule is ``merging.schedule.Combined`` of the parts'
+    schedules. With a constant schedule in every part this samples bit for bit what the static
+    merge of all deltas (``static_merge``, same order) samples. If one part mixes predictions,
+    the other parts' deltas apply to every model of the mix.
+    """
+    from merging.schedule import Combined
+
+    parts = tuple(p for p in parts if p is not None)
+    if not parts:
+        raise PatchError("combine needs at least one ScheduledWeights")
+    for p in parts:
+        if not isinstance(p, ScheduledWeights):
+            raise PatchError(f"combine: expected merging.patcher.ScheduledWeights, got {type(p).__name__}")
+    if len(parts) == 1:
+        return parts[0]
+    deltas: dict[str, Mapping[str, torch.Tensor]] = {}
+    for p in parts:
+        clash = sorted(set(p.deltas) & set(deltas))
+        if clash:
+            raise PatchError(f"combine: delta name(s) {clash} appear in two of the combined sets; rename one")
+        deltas.update(p.deltas)
+    return scheduled(deltas, Combined([p.schedule for p in parts]))
 
 
 class WeightPatcher:

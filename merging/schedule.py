@@ -32,6 +32,7 @@ __all__ = [
     "CosineBlend",
     "Keyframes",
     "PredictionBlend",
+    "Combined",
     "ScheduleError",
     "reference_ed_schedule",
 ]
@@ -405,6 +406,62 @@ class PredictionBlend(Schedule):
 
     def _params(self) -> dict[str, Any]:
         return {"blend": self.blend.to_json(), "strengths": dict(self.strengths)}
+
+
+class Combined(Schedule):
+    """Several schedules over disjoint delta names, applied together.
+
+    ``weights(level)`` is the union of the parts' weights, e.g. the ED schedule of
+    ``dynamics``/``control`` plus ``Constant({"motion": 1.0})`` for a trained motion delta. At most
+    one part may mix predictions (``PredictionBlend``); the combination then has mode
+    ``"predictions"`` and the weights of the other parts apply to **every** model of the mix
+    (the base remainder included): ``models(level)`` adds them to each call. Parts are kept in
+    order; ``merging.patcher.combine`` pairs a combination with the union of the deltas.
+    """
+
+    kind = "combined"
+
+    def __init__(self, parts: Sequence[Schedule | Mapping[str, Any]]) -> None:
+        if isinstance(parts, (str, Mapping)) or not isinstance(parts, Sequence) or not parts:
+            raise ScheduleError("Combined needs a non-empty list of schedules")
+        self.parts: tuple[Schedule, ...] = tuple(Schedule.from_json(p) if isinstance(p, Mapping) else p for p in parts)
+        seen: dict[str, int] = {}
+        for i, part in enumerate(self.parts):
+            if not isinstance(part, Schedule):
+                raise ScheduleError(f"Combined: part {i} is a {type(part).__name__}, not a merging.schedule.Schedule")
+            for name in part.names:
+                if name in seen:
+                    raise ScheduleError(f"Combined: delta {name!r} is used by part {seen[name]} and part {i}; the "
+                                        "parts must name disjoint deltas")
+                seen[name] = i
+        mixing = [p for p in self.parts if p.mode == "predictions"]
+        if len(mixing) > 1:
+            raise ScheduleError("Combined: at most one part may mix predictions (PredictionBlend)")
+        self._mixing = mixing[0] if mixing else None
+        self.mode = "predictions" if mixing else "weights"  # type: ignore[misc]  # per instance
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for p in self.parts for n in p.names)
+
+    def weights(self, noise_level: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part in self.parts:
+            out.update(part.weights(noise_level))
+        return out
+
+    def models(self, noise_level: float) -> list[tuple[dict[str, float], float]]:
+        """Prediction mode: the mixing part's calls, each with the other parts' weights added."""
+        if self._mixing is None:
+            raise ScheduleError("Combined.models: no part mixes predictions; use weights(noise_level)")
+        shared: dict[str, float] = {}
+        for part in self.parts:
+            if part is not self._mixing:
+                shared.update(part.weights(noise_level))
+        return [({**w, **shared}, mix) for w, mix in self._mixing.models(noise_level)]
+
+    def _params(self) -> dict[str, Any]:
+        return {"parts": [p.to_json() for p in self.parts]}
 
 
 def reference_ed_schedule() -> HardSwitch:

@@ -4,9 +4,9 @@ Imported only by the pack's ``comfy_entrypoint`` inside ComfyUI (and by tests wi
 ``comfy_api``). Importing it registers the pack's model folders with ``folder_paths``; the node
 modules import the library (torch, diffusers) only when a node runs.
 
-Nodes, by group: loaders (Load I2V Model, Load Motion Estimator, Load Motion Embedder), motion
-(Motion Scores, Estimate Motion), ED (Build / Load ED Task Vectors, Motion Schedule), sampling
-(I2V Sampler).
+Nodes, by group: loaders (Load I2V Model, Load Motion Estimator, Load Motion Embedder, Load Text
+Adapter), motion (Motion Scores, Estimate Motion), ED (Build / Load ED Task Vectors, Motion
+Schedule), sampling (I2V Sampler).
 """
 from __future__ import annotations
 

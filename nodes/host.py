@@ -16,6 +16,8 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "motion_estimators": (".safetensors",),
     "motion_embedders": (".safetensors",),
     "task_vectors": (".safetensors", ".json"),
+    "finetune_deltas": (".safetensors",),
+    "text_adapters": (".safetensors",),
 }
 
 
@@ -87,6 +89,47 @@ def model_file_path(kind: str, name: str) -> str:
         raise FileNotFoundError(f"{name!r} was not found in models/{kind} "
                                 f"(searched: {', '.join(folder_paths.get_folder_paths(kind))}).")
     return path
+
+
+def text_encoder_roots() -> list[str]:
+    """ComfyUI's text-encoder folders (``models/text_encoders``, then the legacy ``models/clip``)."""
+    import folder_paths
+
+    try:
+        return folder_paths.get_folder_paths("text_encoders")
+    except KeyError:  # a ComfyUI without the category: its two default folders
+        return [os.path.join(folder_paths.models_dir, n) for n in ("text_encoders", "clip")]
+
+
+def list_text_encoder_folders() -> list[str]:
+    """Sub-folders of the text-encoder folders that hold a transformers text encoder
+    (``config.json``, or ``text_encoder/config.json`` in a pipeline-style layout), ``/``-separated.
+    ComfyUI's own single-file encoders (``*.safetensors``) are not listed: the text adapter
+    needs the tokenizer files beside the weights."""
+    found: set[str] = set()
+    for root in text_encoder_roots():
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if depth > 0 and ("config.json" in filenames
+                              or os.path.isfile(os.path.join(dirpath, "text_encoder", "config.json"))):
+                found.add(rel.replace(os.sep, "/"))
+                dirnames[:] = []
+            elif depth >= 2:
+                dirnames[:] = []
+    return sorted(found)
+
+
+def text_encoder_path(name: str) -> str:
+    roots = text_encoder_roots()
+    for root in roots:
+        path = os.path.join(root, *name.split("/"))
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(f"text encoder folder {name!r} was not found in models/text_encoders or models/clip "
+                            f"(searched: {', '.join(roots)}).")
 
 
 def model_folder(kind: str) -> str:

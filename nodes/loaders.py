@@ -1,5 +1,9 @@
-"""Loader nodes: the I2V model, the motion estimator and the motion embedder."""
+"""Loader nodes: the I2V model, the motion estimator, the motion embedder and the SVD text adapter."""
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 from comfy_api.latest import io
 
@@ -11,6 +15,35 @@ CATEGORY = "MotionDial/loaders"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 DEVICES = ["auto", "cpu", "model_offload", "sequential_offload"]
 ESTIMATOR_BUILTINS = {"flow (weight-free)": "flow", "ssim (baseline)": "ssim"}
+RECORDED_ENCODER = "(recorded in the adapter file)"
+
+
+@dataclass
+class TrainedMotion:
+    """What flows on a ``MD_MOTION_EMBEDDER`` wire: ``motion.embedding.load_trained_motion``'s result.
+
+    ``embedder`` is the score embedder; ``weights`` is ``None`` (embedder-only training) or the
+    transformer delta trained with it (LoRA/full runs) as a ``merging.patcher.ScheduledWeights``
+    named ``"motion"`` at constant weight 1 -- without it the embedder does not match the model.
+    """
+
+    embedder: Any
+    weights: Any
+    path: str
+    _checked: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)  # models already checked
+
+    def check_base(self, model: Any) -> None:
+        """Refuse (clear error naming the file) a model other than the base the delta was trained on."""
+        if self.weights is None or model in self._checked:
+            return
+        fp = model.fingerprint()
+        for delta in self.weights.deltas.values():
+            delta.check_base(fp)
+        self._checked.add(model)
+
+    def __repr__(self) -> str:
+        extra = " + transformer delta" if self.weights is not None else ""
+        return f"MotionDial motion embedder{extra} from {self.path!r}"
 
 
 class LoadI2VModel(io.ComfyNode):
@@ -112,22 +145,70 @@ class LoadMotionEmbedder(io.ComfyNode):
             category=CATEGORY,
             description="Loads a score embedder (.safetensors from models/motion_embedders) that lets the object "
                         "and camera intensities steer the model. The file records the base model it was trained "
-                        "for; another base is refused.",
+                        "for; another base is refused. A LoRA/full training run also changed the transformer: its "
+                        "delta file (named in the embedder's metadata, kept beside it) is loaded too and applied "
+                        "by the sampler.",
             inputs=[
                 t.I2VModel.Input("model", tooltip="The I2V model the embedder will run on; its "
                                                                  "weights must be the embedder's base."),
                 io.Combo.Input("embedder_name", options=host.list_model_files("motion_embedders"),
-                               tooltip="A motion embedder file in models/motion_embedders, trained for this model."),
+                               tooltip="A motion embedder file in models/motion_embedders, trained for this model "
+                                       "(training.train_motion's motion_embedder.safetensors; keep the "
+                                       "transformer delta of a LoRA/full run in the same folder)."),
             ],
             outputs=[t.MotionEmbedder.Output(display_name="embedder")],
         )
 
     @classmethod
     def execute(cls, model, embedder_name: str) -> io.NodeOutput:
-        from motion.embedding import load_motion_embedder
+        from motion.embedding import load_trained_motion
 
         path = host.model_file_path("motion_embedders", embedder_name)
-        return io.NodeOutput(load_motion_embedder(path, model.model))
+        embedder, weights = load_trained_motion(path, model.model)  # both checked against the model
+        trained = TrainedMotion(embedder, weights, path)
+        trained._checked.add(model.model)
+        return io.NodeOutput(trained)
 
 
-NODES = [LoadI2VModel, LoadMotionEstimator, LoadMotionEmbedder]
+class LoadTextAdapter(io.ComfyNode):
+    """Load an SVD text adapter (ED stage 1) with its CLIP text encoder: the prompt then steers SVD."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialLoadTextAdapter",
+            display_name="Load Text Adapter",
+            category=CATEGORY,
+            description="Loads a temporal text adapter (.safetensors from models/text_adapters, made by "
+                        "training.train_adapter) and the CLIP text encoder it reads prompts with. Connected to the "
+                        "I2V Sampler's text_adapter input, it lets the prompt steer Stable Video Diffusion's "
+                        "temporal layers. SVD only: CogVideoX reads the prompt itself.",
+            inputs=[
+                t.I2VModel.Input("model", tooltip="The SVD model the adapter was trained on; another base is "
+                                                  "refused."),
+                io.Combo.Input("adapter_name", options=host.list_model_files("text_adapters"),
+                               tooltip="A text adapter file (text_adapter.safetensors from training.train_adapter) "
+                                       "in models/text_adapters."),
+                io.Combo.Input("text_encoder", options=[RECORDED_ENCODER] + host.list_text_encoder_folders(),
+                               default=RECORDED_ENCODER,
+                               tooltip="The CLIP text encoder folder (transformers format, with its tokenizer) in "
+                                       "models/text_encoders or models/clip; it must be the one the adapter was "
+                                       "trained with. Default: the folder recorded in the adapter file."),
+            ],
+            outputs=[t.TextControl.Output(display_name="text_adapter")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter_name: str, text_encoder: str = RECORDED_ENCODER) -> io.NodeOutput:
+        from textadapter import load_text_control
+
+        m = model.model
+        if m.family.text_conditioned:
+            raise ValueError(f"Load Text Adapter: {m.family.name} already reads the prompt in every block; text "
+                             "adapters are for Stable Video Diffusion (remove this node)")
+        path = host.model_file_path("text_adapters", adapter_name)
+        folder = None if text_encoder == RECORDED_ENCODER else host.text_encoder_path(text_encoder)
+        return io.NodeOutput(load_text_control(path, folder, base_fingerprint=m.fingerprint()))
+
+
+NODES = [LoadI2VModel, LoadMotionEstimator, LoadMotionEmbedder, LoadTextAdapter]

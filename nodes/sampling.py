@@ -65,6 +65,9 @@ class I2VSampler(io.ComfyNode):
                 t.Schedule.Input("schedule", optional=True,
                                  tooltip="When each task vector applies (Motion Schedule). Default with task "
                                          "vectors: the ED reference hard switch at noise level 0.5."),
+                t.TextControl.Input("text_adapter", optional=True,
+                                    tooltip="From Load Text Adapter (SVD only): the prompt and negative prompt "
+                                            "steer SVD's temporal layers through the trained text adapter."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The video's frames, [frames, height, width, 3]."),
@@ -75,42 +78,68 @@ class I2VSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, prompt: str, negative_prompt: str, frames: int, steps: int, cfg: float,
                 seed: int, object_intensity: float, camera_intensity: float, width: int, height: int, fps: float,
-                scores=None, embedder=None, task_vectors=None, schedule=None) -> io.NodeOutput:
+                scores=None, embedder=None, task_vectors=None, schedule=None, text_adapter=None) -> io.NodeOutput:
         import torch
         from pipelines import sample
 
-        weight_schedule = None
-        if schedule is not None and task_vectors is None:
-            raise ValueError("I2V Sampler: a schedule is connected but no task vectors; connect Build ED Task "
-                             "Vectors or Load ED Task Vectors to task_vectors.")
-        if task_vectors is not None:
-            from merging.patcher import ScheduledWeights
-            from merging.schedule import reference_ed_schedule
-
-            sched = schedule if schedule is not None else reference_ed_schedule()
-            missing = [n for n in sched.names if n not in task_vectors.deltas]
-            if missing:
-                raise ValueError(f"I2V Sampler: the schedule uses task vector(s) {missing}, but the connected task "
-                                 f"vectors hold {sorted(task_vectors.deltas)}.")
-            task_vectors.check_base(model.model)
-            weight_schedule = ScheduledWeights(task_vectors.deltas, sched)
-        if scores is not None:
-            object_intensity, camera_intensity = scores.object, scores.camera
         if image.ndim != 4 or image.shape[-1] != 3:
             raise ValueError(f"I2V Sampler: image must be an IMAGE [batch, height, width, 3], got {list(image.shape)}")
+        weight_schedule = weight_schedule_for(model, embedder, task_vectors, schedule)
+        if scores is not None:
+            object_intensity, camera_intensity = scores.object, scores.camera
 
         model.prepare()
+        if text_adapter is not None:  # it runs inside the denoiser: same device (a no-op on the CPU)
+            text_adapter.adapter.to(model.model.device)
+            text_adapter.text.encoder.to(model.model.device)
         video = sample(
             model.model, image[0], prompt,
             negative_prompt=negative_prompt, frames=frames, steps=steps, cfg=cfg, seed=seed,
             height=height or None, width=width or None, fps=fps or None,
             object_intensity=object_intensity if embedder is not None else None,
             camera_intensity=camera_intensity if embedder is not None else None,
-            weight_schedule=weight_schedule, motion_embedder=embedder,
-            progress=host.progress_callback(steps),
+            weight_schedule=weight_schedule, motion_embedder=embedder.embedder if embedder is not None else None,
+            text_control=text_adapter, progress=host.progress_callback(steps),
         )
         out = torch.as_tensor(video.frames).to(device="cpu", dtype=torch.float32)
         return io.NodeOutput(out, float(video.fps))
+
+
+def weight_schedule_for(model, embedder=None, task_vectors=None, schedule=None):
+    """The sampler's ``weight_schedule``: the motion delta of a LoRA/full-trained embedder and the
+    ED task vectors under their schedule, combined (``merging.patcher.combine``), or ``None``.
+
+    A prediction-blending schedule gives ``ScheduledPredictions``; a motion delta then applies
+    to every model of the mix (it is part of the model the task vectors were made for).
+    """
+    from merging.patcher import combine, scheduled
+
+    if schedule is not None and task_vectors is None:
+        raise ValueError("I2V Sampler: a schedule is connected but no task vectors; connect Build ED Task "
+                         "Vectors or Load ED Task Vectors to task_vectors.")
+    motion = None
+    if embedder is not None and embedder.weights is not None:
+        embedder.check_base(model.model)
+        motion = embedder.weights
+    ed = None
+    if task_vectors is not None:
+        from merging.schedule import reference_ed_schedule
+
+        sched = schedule if schedule is not None else reference_ed_schedule()
+        missing = [n for n in sched.names if n not in task_vectors.deltas]
+        if missing:
+            raise ValueError(f"I2V Sampler: the schedule uses task vector(s) {missing}, but the connected task "
+                             f"vectors hold {sorted(task_vectors.deltas)}.")
+        task_vectors.check_base(model.model)
+        ed = scheduled(task_vectors.deltas, sched)
+    if motion is not None and ed is not None:
+        clash = sorted(set(motion.deltas) & set(task_vectors.deltas))
+        if clash:
+            raise ValueError(f"I2V Sampler: the task vectors {task_vectors.folder!r} and the motion embedder's delta "
+                             f"both name {clash}; rename the task vector.")
+        # motion first: the trained model is the base the ED vectors are added to
+        return combine(motion, ed)
+    return motion or ed
 
 
 NODES = [I2VSampler]

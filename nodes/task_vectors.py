@@ -15,6 +15,12 @@ from . import types as t
 
 CATEGORY = "MotionDial/ED"
 SCOPES = ["all", "temporal"]
+NO_DELTA = "(none)"
+
+
+def list_finetune_deltas() -> list[str]:
+    """Delta files (``.safetensors``) in models/finetune_deltas."""
+    return host.list_model_files("finetune_deltas")
 
 
 @dataclass
@@ -139,6 +145,12 @@ class BuildTaskVectors(io.ComfyNode):
                                        "family's temporal layers."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing set of this name built from other inputs."),
+                # appended last and optional: workflows saved before it keep their widget order
+                io.Combo.Input("finetuned_delta", options=[NO_DELTA] + list_finetune_deltas(), default=NO_DELTA,
+                               optional=True,
+                               tooltip="Instead of finetuned_model: a stage-1 delta file (motiondial.delta, e.g. "
+                                       "train_adapter's finetune_delta.safetensors) in models/finetune_deltas; the "
+                                       "fine-tuned model is base + delta. (none): use finetuned_model."),
             ],
             outputs=[t.TaskVectors.Output(display_name="task_vectors"),
                      t.Schedule.Output(display_name="schedule",
@@ -148,24 +160,31 @@ class BuildTaskVectors(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model: str, finetuned_model: str, name: str, a_dyn: float, b_dyn: float, a_con: float,
-                b_con: float, drop_rate: float, dare_seed: int, scope: str, overwrite: bool) -> io.NodeOutput:
-        from merging.fingerprint import fingerprint_checkpoint
+                b_con: float, drop_rate: float, dare_seed: int, scope: str, overwrite: bool,
+                finetuned_delta: str = NO_DELTA) -> io.NodeOutput:
+        from merging.fingerprint import fingerprint_checkpoint, fingerprint_with_delta
         from merging.recipes import build_ed
 
         if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
             raise ValueError(f"Build ED Task Vectors: name {name!r} must be a plain folder name (letters, digits, "
                              "- _ . ; not starting with a dot)")
-        if base_model == finetuned_model:
-            raise ValueError("Build ED Task Vectors: base_model and finetuned_model are the same folder; the task "
-                             "vector would be zero. Pick the motion fine-tuned model as finetuned_model.")
         base = host.diffusers_model_path(base_model)
-        ft = host.diffusers_model_path(finetuned_model)
+        if finetuned_delta and finetuned_delta != NO_DELTA:
+            # ft = base + delta; build_ed checks the delta was made for this base
+            ft = host.model_file_path("finetune_deltas", finetuned_delta)
+            ft_fingerprint = lambda: fingerprint_with_delta(base, ft)  # noqa: E731
+        else:
+            if base_model == finetuned_model:
+                raise ValueError("Build ED Task Vectors: base_model and finetuned_model are the same folder; the "
+                                 "task vector would be zero. Pick the motion fine-tuned model as finetuned_model, "
+                                 "or a stage-1 delta as finetuned_delta.")
+            ft = host.diffusers_model_path(finetuned_model)
+            ft_fingerprint = lambda: fingerprint_checkpoint(ft)  # noqa: E731
         os.makedirs(host.model_folder("task_vectors"), exist_ok=True)
         out_dir = os.path.join(host.model_folder("task_vectors"), name)
         params = {"a_dyn": a_dyn, "b_dyn": b_dyn, "a_con": a_con, "b_con": b_con, "p": drop_rate}
         same = {"recipe": "ed", "params": params, "seed": dare_seed, "scope": scope}
-        if os.path.isdir(out_dir) and _same_build(out_dir, same, fingerprint_checkpoint(base),
-                                                  fingerprint_checkpoint(ft)):
+        if os.path.isdir(out_dir) and _same_build(out_dir, same, fingerprint_checkpoint(base), ft_fingerprint()):
             status = "already built"
         else:
             if os.path.exists(out_dir) and not overwrite:

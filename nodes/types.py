@@ -12,11 +12,15 @@ I2VModel = io.Custom("MD_I2V_MODEL")
 MotionScores = io.Custom("MD_MOTION_SCORES")
 #: A motion estimator for ``motion.estimate_motion``: ``"flow"``, ``"ssim"`` or a loaded learned one.
 MotionEstimator = io.Custom("MD_MOTION_ESTIMATOR")
-#: ``motion.embedding.MotionScoreEmbedding``: turns the two scores into a time-embedding offset.
+#: ``nodes.loaders.TrainedMotion``: a score embedder (``motion.embedding.MotionScoreEmbedding``,
+#: turns the two scores into a time-embedding offset) and, for LoRA/full runs, its transformer delta.
 MotionEmbedder = io.Custom("MD_MOTION_EMBEDDER")
 #: ``nodes.merging.TaskVectors``: named weight deltas of the denoiser (ED: ``dynamics``, ``control``).
 TaskVectors = io.Custom("MD_TASK_VECTORS")
 #: ``merging.schedule.Schedule``: delta weights as a function of the noise level.
 Schedule = io.Custom("MD_SCHEDULE")
 
-ALL = (I2VModel, MotionScores, MotionEstimator, MotionEmbedder, TaskVectors, Schedule)
+#: ``textadapter.TextControl``: an SVD text adapter with its CLIP text encoder (ED stage 1).
+TextControl = io.Custom("MD_TEXT_CONTROL")
+
+ALL = (I2VModel, MotionScores, MotionEstimator, MotionEmbedder, TaskVectors, Schedule, TextControl)

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", type=float, default=None, dest="camera_intensity",
                    help="camera-motion score 1..10 (needs --embedder)")
     p.add_argument("--embedder", default=None,
-                   help="motion-score embedder file (.safetensors) trained for this model")
+                   help="motion-score embedder trained for this model: the file (motion_embedder.safetensors) or "
+                   "training.train_motion's output folder; a LoRA/full run's transformer delta beside it is "
+                   "applied too")
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the family's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: CogVideoX 50, SVD 25)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: CogVideoX 6, SVD 3)")
@@ -102,6 +104,8 @@ def run(args: argparse.Namespace) -> str:
         raise ValueError(f"--image {args.image}: no such file")
     if args.text_encoder is not None and args.text_adapter is None:
         raise ValueError("--text-encoder is the text encoder of a --text-adapter; pass --text-adapter FILE too")
+    if args.embedder is not None and not os.path.exists(args.embedder):
+        raise ValueError(f"--embedder {args.embedder}: no such file or folder")
     if args.text_adapter is not None and not os.path.isfile(args.text_adapter):
         raise ValueError(f"--text-adapter {args.text_adapter}: no such file")
     untrained = args.model is None
@@ -133,11 +137,13 @@ def run(args: argparse.Namespace) -> str:
         if prompt is None:  # SVD without an adapter has no text input: no default prompt to ignore
             prompt = DEFAULT_PROMPT if model.family.text_conditioned or text_control is not None else ""
 
-        embedder = None
+        embedder = weight_schedule = None
         if args.embedder:
-            from motion.embedding import load_motion_embedder
+            from motion.embedding import load_trained_motion
 
-            embedder = load_motion_embedder(args.embedder, model=model, device=model.device)
+            # the embedder plus, for LoRA/full runs, the transformer delta it was trained with
+            embedder, weight_schedule = load_trained_motion(args.embedder, model)
+            embedder = embedder.to(model.device)
 
         bar = None if args.no_progress else tqdm(total=steps, desc="sampling", unit="step")
 
@@ -149,7 +155,8 @@ def run(args: argparse.Namespace) -> str:
             video = sample(model, args.image, prompt, negative_prompt=args.negative_prompt, frames=frames,
                            steps=steps, cfg=cfg, seed=args.seed, height=args.height, width=args.width, fps=args.fps,
                            object_intensity=args.object_intensity, camera_intensity=args.camera_intensity,
-                           motion_embedder=embedder, text_control=text_control, progress=progress)
+                           weight_schedule=weight_schedule, motion_embedder=embedder, text_control=text_control,
+                           progress=progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -158,7 +165,8 @@ def run(args: argparse.Namespace) -> str:
     settings = dict(video.settings)
     if untrained:
         settings["model"] = f"(embedded tiny untrained {DEFAULT_TINY_FAMILY} model, seed 0)"
-    settings.update(image=os.path.abspath(args.image), embedder=args.embedder, text_encoder=args.text_encoder, out=path,
+    settings.update(image=os.path.abspath(args.image), embedder=args.embedder,
+                    motion_delta=weight_schedule is not None, text_encoder=args.text_encoder, out=path,
                     untrained_model=untrained, offload=args.offload, vae_tiling=args.vae_tiling,
                     vae_slicing=args.vae_slicing)
     print("settings used:")

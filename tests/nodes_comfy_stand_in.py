@@ -215,7 +215,12 @@ def _io_module() -> types.ModuleType:
 def _folder_paths(models_dir: str, input_dir: str, output_dir: str) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     fp.models_dir = models_dir
-    fp.folder_names_and_paths = {"diffusers": ([os.path.join(models_dir, "diffusers")], {"folder"})}
+    fp.folder_names_and_paths = {
+        "diffusers": ([os.path.join(models_dir, "diffusers")], {"folder"}),
+        # as ComfyUI registers it: the legacy models/clip folder is the second text-encoder path
+        "text_encoders": ([os.path.join(models_dir, "text_encoders"), os.path.join(models_dir, "clip")],
+                          {".safetensors"}),
+    }
 
     def add_model_folder_path(folder_name, full_folder_path, is_default=False):
         if folder_name in fp.folder_names_and_paths:

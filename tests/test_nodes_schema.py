@@ -16,10 +16,10 @@ import nodes_harness as h
 EXPECTED = {
     "MotionDialLoadI2VModel", "MotionDialMotionScores", "MotionDialLoadMotionEstimator", "MotionDialEstimateMotion",
     "MotionDialLoadMotionEmbedder", "MotionDialBuildTaskVectors", "MotionDialLoadTaskVectors",
-    "MotionDialMotionSchedule", "MotionDialI2VSampler",
+    "MotionDialMotionSchedule", "MotionDialI2VSampler", "MotionDialLoadTextAdapter",
 }
 CUSTOM_TYPES = {"MD_I2V_MODEL", "MD_MOTION_SCORES", "MD_MOTION_ESTIMATOR", "MD_MOTION_EMBEDDER", "MD_TASK_VECTORS",
-                "MD_SCHEDULE"}
+                "MD_SCHEDULE", "MD_TEXT_CONTROL"}
 CORE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE"}
 
 
@@ -84,13 +84,13 @@ def test_sampler_outputs_feed_core_video_nodes(schemas):
     s = schemas["MotionDialI2VSampler"]
     assert [o.io_type for o in s.outputs] == ["IMAGE", "FLOAT"]  # Create Video takes images + FLOAT fps
     optional = {i.id for i in s.inputs if i.optional}
-    assert optional == {"scores", "embedder", "task_vectors", "schedule"}
+    assert optional == {"scores", "embedder", "task_vectors", "schedule", "text_adapter"}
 
 
 def test_combos_list_the_registered_model_folders(env, schemas):
     import folder_paths
 
-    for kind in ("motion_estimators", "motion_embedders", "task_vectors"):
+    for kind in ("motion_estimators", "motion_embedders", "task_vectors", "finetune_deltas", "text_adapters"):
         assert folder_paths.get_folder_paths(kind)[0] == os.path.join(env.models, kind)
     opts = {i.id: i.options for i in schemas["MotionDialLoadI2VModel"].inputs if i.io_type == "COMBO"}
     assert h.BASE in opts["model_name"] and h.FINETUNED in opts["model_name"]

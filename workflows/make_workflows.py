@@ -55,7 +55,7 @@ SAMPLER_WIDGETS = [("prompt", PROMPT), ("negative_prompt", NEGATIVE), ("frames",
                    ("fps", 0.0)]
 SAMPLER_SOCKETS = [("model", "MD_I2V_MODEL", False), ("image", "IMAGE", False), ("scores", "MD_MOTION_SCORES", True),
                    ("embedder", "MD_MOTION_EMBEDDER", True), ("task_vectors", "MD_TASK_VECTORS", True),
-                   ("schedule", "MD_SCHEDULE", True)]
+                   ("schedule", "MD_SCHEDULE", True), ("text_adapter", "MD_TEXT_CONTROL", True)]
 
 
 def load_model(id_: int, pos) -> Node:
@@ -178,7 +178,7 @@ def graph_build() -> Graph:
         Node(1, "MotionDialBuildTaskVectors", (40, 60), (360, 330),
              [("base_model", BASE_MODEL), ("finetuned_model", FINETUNED_MODEL), ("name", TASK_VECTORS),
               ("a_dyn", 0.25), ("b_dyn", 0.75), ("a_con", 1.0), ("b_con", 0.25), ("drop_rate", 0.7), ("dare_seed", 0),
-              ("scope", "all"), ("overwrite", False)],
+              ("scope", "all"), ("overwrite", False), ("finetuned_delta", "(none)")],
              outputs=[("task_vectors", "MD_TASK_VECTORS"), ("schedule", "MD_SCHEDULE"), ("summary", "STRING")]),
         Node(3, "PreviewAny", (40, 470), (360, 120), sockets=[("source", "*", False)], title="Result"),
         note(2, (440, 60), (400, 300),
