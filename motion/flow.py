@@ -58,7 +58,7 @@ class FlowConfig:
     #: ... and with fewer such points there is no camera model (camera motion 0).
     min_points: int = 30
     #: a camera model must explain at least this fraction of the points (else: no camera motion).
-    min_inlier_fraction: float = 0.25
+    min_inlier_fraction: float = 0.1
     #: camera model: "homography" (8 dof) or "similarity" (4 dof: shift, scale, rotation).
     camera_model: str = "homography"
     #: RANSAC inlier threshold in working pixels.
