@@ -132,6 +132,23 @@ def text_encoder_path(name: str) -> str:
                             f"(searched: {', '.join(roots)}).")
 
 
+def safetensors_metadata(path: str) -> dict:
+    """The ``__metadata__`` of a safetensors file's header, read without torch (node schemas are
+    built without importing it); ``{}`` for a file that cannot be read as safetensors."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def model_folder(kind: str) -> str:
     """The first folder of ``kind``: where files the pack writes go."""
     import folder_paths

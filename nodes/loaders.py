@@ -134,6 +134,17 @@ class LoadMotionEstimator(io.ComfyNode):
         return io.NodeOutput(resolve_estimator(path))
 
 
+def list_motion_embedders() -> list[str]:
+    """Files in models/motion_embedders, minus the transformer deltas kept beside their embedders
+    (a ``train_motion`` run folder holds both; only the embedder is picked, it names its delta)."""
+    out = []
+    for name in host.list_model_files("motion_embedders"):
+        meta = host.safetensors_metadata(host.model_file_path("motion_embedders", name))
+        if meta.get("format") != "motiondial.delta":
+            out.append(name)
+    return out
+
+
 class LoadMotionEmbedder(io.ComfyNode):
     """Load a trained motion-score embedder (MotionStone-style) made for the connected model."""
 
@@ -151,7 +162,7 @@ class LoadMotionEmbedder(io.ComfyNode):
             inputs=[
                 t.I2VModel.Input("model", tooltip="The I2V model the embedder will run on; its "
                                                                  "weights must be the embedder's base."),
-                io.Combo.Input("embedder_name", options=host.list_model_files("motion_embedders"),
+                io.Combo.Input("embedder_name", options=list_motion_embedders(),
                                tooltip="A motion embedder file in models/motion_embedders, trained for this model "
                                        "(training.train_motion's motion_embedder.safetensors; keep the "
                                        "transformer delta of a LoRA/full run in the same folder)."),

@@ -106,6 +106,9 @@ def test_trained_motion_delta_is_applied(env, model, image, trained):
     ref = _merged(env, [(trained, 1.0)])
     assert torch.equal(out, _library(ref, image, motion_embedder=loaded.embedder, object_intensity=7.0,
                                      camera_intensity=2.0))
+    opts = next(i.options for i in env.by_id["MotionDialLoadMotionEmbedder"].define_schema().inputs
+                if i.id == "embedder_name")
+    assert TRAINED in opts and "trained_run/transformer_delta.safetensors" not in opts  # the delta is not offered
     # an embedder-only file still loads without a delta
     plain = env.by_id["MotionDialLoadMotionEmbedder"].execute(model=model, embedder_name=h.EMBEDDER)[0]
     assert plain.weights is None and "transformer delta" not in repr(plain)
