@@ -67,7 +67,6 @@ def _image():
     return (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
 
 
-@pytest.mark.slow
 def test_sampling_with_a_combination_equals_the_static_merge_of_both(tiny_model_dir):
     model = load_model(tiny_model_dir("cogvideox-i2v"))
     sd = {k: v for k, v in model.denoiser.state_dict().items() if v.is_floating_point()}
