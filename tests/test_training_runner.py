@@ -105,6 +105,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
 
     rep = json.load(open(tmp_path / "b" / "report.json"))
     assert rep["status"] == "completed" and rep["steps_done"] == 7
+    # outputs get the permissions of a plain open()/mkdir (temporary files start 0600/0700)
+    assert os.stat(tmp_path / "b" / "report.json").st_mode & 0o777 == ckpt_mod._umask_mode()
+    assert os.stat(r2.checkpoint).st_mode & 0o444 == ckpt_mod._umask_mode() & 0o444
     assert [e["step"] for e in rep["losses"]] == list(range(1, 8))
     assert [e["loss"] for e in rep["losses"]] == [e["loss"] for e in r.report["losses"]]
     assert [e["step"] for e in rep["eval_history"]] == [4, 7]
@@ -221,3 +224,7 @@ def test_callback_error_saves_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="cancelled"):
         run(_task(), _cfg(tmp_path, checkpoint_every=0), callback=cb, log=_quiet)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    state = load_checkpoint(str(tmp_path / "checkpoints" / "step_00000002")).state
+    assert state["history"]["sessions"][-1]["status"] == "stopped by callback (RuntimeError)"
+    r = run(_task(), _cfg(tmp_path, checkpoint_every=0), log=_quiet)  # resumes and records both sessions
+    assert [s["started_at_step"] for s in r.report["sessions"]] == [0, 2]

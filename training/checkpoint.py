@@ -66,6 +66,13 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _umask_mode() -> int:
+    """Mode a plain ``open()`` would give a new file (mkstemp's 0600 would hide outputs from other users)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -77,6 +84,7 @@ def atomic_write_json(path: str, obj: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -93,6 +101,7 @@ def atomic_save_safetensors(path: str, tensors: Mapping[str, torch.Tensor], meta
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         _fsync_file(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -229,6 +238,7 @@ def save_checkpoint(
         for name in ("model.safetensors", "optimizer.safetensors"):
             _fsync_file(os.path.join(tmp, name))
         _fsync_dir(tmp)
+        os.chmod(tmp, _umask_mode() | ((_umask_mode() & 0o444) >> 2))  # mkdtemp gives 0700: make it like mkdir's
         if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
             old = tempfile.mkdtemp(prefix=f".old-{step_dir_name(step)}-", dir=root)
             os.replace(final, os.path.join(old, "x"))

@@ -236,6 +236,9 @@ def _rewrite(path: str, entries: Sequence[dict]) -> None:
             f.writelines(json.dumps(e) + "\n" for e in entries)
             f.flush()
             os.fsync(f.fileno())
+        from training.checkpoint import _umask_mode
+
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

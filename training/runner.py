@@ -391,7 +391,9 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
                 if callback is not None and main:
                     try:
                         callback(step, cfg.steps, entry)
-                    except BaseException:
+                    except BaseException as e:
+                        history["sessions"].append({**session, "ended_at_step": step, "wall_s": time.perf_counter() - t0,
+                                                    "status": f"stopped by callback ({type(e).__name__})"})
                         last_ckpt = checkpoint(step)
                         raise
     except KeyboardInterrupt:

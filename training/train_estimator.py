@@ -334,6 +334,8 @@ def train(args: argparse.Namespace, out_dir: str, lambda_reg: float, data: Estim
     if result.report_path:
         rep = dict(result.report)
         rep["baselines"] = data.baselines
+        rep["requested_steps"] = args.steps
+        rep["max_minutes"] = args.max_minutes
         rep["data"] = {"clips": len(data.clips), "train_pairs": len(data.train_pairs),
                        "val_pairs": len(data.val_pairs), "dropped_pairs": data.dropped_pairs}
         from training.checkpoint import atomic_write_json
