@@ -15,12 +15,10 @@ over held-out first frames at one request (default object 5, camera 5).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +31,7 @@ def run_demo_ed(model_dir: str, embedder_path: str, out: str, *, subset: str = "
                 progress: bool = True, log=print) -> dict[str, Any]:
     """Run stage 1 (resumable), build the ED deltas and measure the four motion degrees.
     Returns the results (also written to ``out/ed_motion_degree.json``)."""
-    from merging.deltas import load_deltas, load_delta
+    from merging.deltas import load_deltas
     from merging.patcher import ScheduledWeights
     from merging.recipes import build_ed
     from merging.schedule import Constant, HardSwitch
@@ -53,7 +51,6 @@ def run_demo_ed(model_dir: str, embedder_path: str, out: str, *, subset: str = "
     os.makedirs(out, exist_ok=True)
     model = load_model(model_dir)
     embedder = load_motion_embedder(embedder_path, model).requires_grad_(False)
-    meta = json.loads(json.dumps(embedder.base_fingerprint or {}))  # noqa: F841 (kept for clarity of ownership)
     frames = int(model.denoiser.config.num_frames)
     size = int(model.denoiser.config.sample_size) * int(model.pipeline.vae_scale_factor)
     dcfg = DemoDataConfig(frames=frames, height=size, width=size)

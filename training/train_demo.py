@@ -145,8 +145,7 @@ def vae_motion_ceiling(vae: nn.Module, data_cfg: DemoDataConfig, seed: int, seed
 
 # -- stage 2: the motion-conditioned UNet ------------------------------------------------------
 def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset):
-    from merging.fingerprint import fingerprint_state
-    from motion.embedding import MotionScoreEmbedding, save_motion_embedder
+    from motion.embedding import MotionScoreEmbedding
     from pipelines import load_model
     from training.diffusion_loss import SVDObjective
     from training.motion_data import collate
@@ -262,10 +261,7 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
                 "train the autoencoder longer (--vae-steps) before trusting stage 2")
     deadline = _Deadline(cfg.minutes)
     task, rcfg, model, module = _motion_task(cfg, base, data)
-    try:
-        res = run(task, rcfg, log=log, callback=deadline)
-    finally:
-        pass
+    res = run(task, rcfg, log=log, callback=deadline)
     files = dict(res.report.get("files") or {})
     if res.status != "completed" and deadline.hit:
         files = export(cfg, model, module.embedder)  # the weights of the last completed step
