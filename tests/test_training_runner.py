@@ -189,6 +189,10 @@ def test_resume_with_different_settings_is_refused(tmp_path):
         run(_task(), _cfg(out, lr=0.01), log=_quiet)
     # more steps is fine; --fresh starts over
     assert run(_task(), _cfg(out, steps=8), log=_quiet).step == 8
+    r8 = json.load(open(out / "report.json"))
+    assert [(s["started_at_step"], s["ended_at_step"]) for s in r8["sessions"]] == [(3, 8)]
+    r9 = run(_task(), _cfg(out, steps=9), log=_quiet)  # a finished run extended: both sessions kept
+    assert [(s["started_at_step"], s["ended_at_step"]) for s in r9.report["sessions"]] == [(3, 8), (8, 9)]
     r = run(_task(), _cfg(out, lr=0.01, resume="fresh", steps=2), log=_quiet)
     assert r.step == 2 and r.report["sessions"][0]["started_at_step"] == 0
 

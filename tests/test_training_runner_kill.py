@@ -95,3 +95,56 @@ def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rep = json.load(open(killed_out / "report.json"))
     assert rep["status"] == "completed" and rep["steps_done"] == 24 and rep["sessions"][0]["started_at_step"] >= 6
+
+
+DDP_SCRIPT = r'''
+import os, sys, torch
+from torch import nn
+from training.runner import RunnerConfig, TrainTask, run
+from training.checkpoint import atomic_save_safetensors
+torch.set_num_threads(1)
+out, steps = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+
+def batch_fn(ctx):
+    x = torch.from_numpy(ctx.rng.standard_normal((8, 4))).float()
+    return x, x.sum(1, keepdim=True)
+
+def save_fn(m, d):
+    p = os.path.join(d, "final.safetensors"); atomic_save_safetensors(p, m.state_dict()); return {"model": p}
+
+task = TrainTask(name="ddp", model=model, batch_fn=batch_fn, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
+                 save_fn=save_fn, eval_fn=lambda m, s: {"w": float(m[0].weight.sum())})
+run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.01, grad_accum=2, checkpoint_every=3, eval_every=4,
+                       progress=False, seed=5))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_resume_equals_uninterrupted(tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP): a run stopped at step 3 and resumed ends like one in one go."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+    def launch(out, steps, port):
+        return subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(script), str(out),
+                                 str(steps)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    ref, part = launch(tmp_path / "ref", 6, 29517), launch(tmp_path / "res", 3, 29518)
+    for p in (ref, part):
+        text, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, text
+    p = launch(tmp_path / "res", 6, 29519)
+    text, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, text
+    a = load_file(str(tmp_path / "ref" / "final.safetensors"))
+    b = load_file(str(tmp_path / "res" / "final.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rep = json.load(open(tmp_path / "res" / "report.json"))
+    assert rep["config"]["num_processes"] == 2
+    assert [(s["started_at_step"], s["ended_at_step"]) for s in rep["sessions"]] == [(0, 3), (3, 6)]

@@ -413,9 +413,10 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     if status == "completed":
         if not history["evals"] or history["evals"][-1]["step"] != step:
             evaluate(step)
-    last_ckpt = checkpoint(step)
+    # The session is recorded before the final checkpoint so that a later resume keeps it.
     session.update(ended_at_step=step, status=status, wall_s=time.perf_counter() - t0)
     history["sessions"].append(session)
+    last_ckpt = checkpoint(step)
     history["elapsed_s"] = elapsed_before + time.perf_counter() - t0
 
     files: dict[str, str] = {}
@@ -461,7 +462,10 @@ def _make_accelerator(cls, mixed_precision: str):
             state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return cls(mixed_precision=mixed_precision)
+    # Several processes on a machine without a GPU (torchrun / accelerate launch on CPU): accelerate
+    # only sets up gloo DDP when told cpu=True, otherwise each process would train alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return cls(mixed_precision=mixed_precision, cpu=multi_cpu)
 
 
 class _nullcontext:
