@@ -156,3 +156,25 @@ def test_bad_arguments_are_clear():
         render_clip(_spec(frames=1))
     with pytest.raises(SystemExit):
         main(["--out", "x", "--count", "1", "--size", "big"])
+
+
+def test_photo_backgrounds(tmp_path):
+    import cv2
+
+    from training.textures import load_photo_backgrounds
+
+    photo = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), photo)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    paths = load_photo_backgrounds(str(tmp_path))
+    assert paths == [str(tmp_path / "a.png")]
+    kinds = set()
+    for seed in range(6):
+        frames, meta = make_clip(seed, photos=paths, **SMALL)
+        kinds.add(meta["spec"]["background"].split(":")[0])
+        assert frames.shape == (6, 48, 64, 3)
+    assert "photo" in kinds
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_photo_backgrounds(str(empty))
