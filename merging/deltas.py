@@ -27,6 +27,7 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine import short_dtype
 from .errors import CheckpointError, OutputError
+from .fileformat import check_format
 from .fingerprint import check_fingerprint
 from .safetensors_io import SafetensorsWriter
 
@@ -78,14 +79,9 @@ def delta_metadata(
 
 
 def _parse_metadata(raw: Mapping[str, str], path: str) -> dict[str, Any]:
-    if raw.get("format") != DELTA_FORMAT:
-        raise CheckpointError(f"{path}: not a MotionDial delta (format {raw.get('format')!r}, expected {DELTA_FORMAT!r})")
-    try:
-        version = int(raw.get("format_version", "0"))
-    except ValueError:
-        version = -1
-    if version != DELTA_VERSION:
-        raise CheckpointError(f"{path}: delta format version {raw.get('format_version')!r} is not supported (expected {DELTA_VERSION})")
+    # Deltas may be sharded (index + several files), so the header is read by ``open_checkpoint``;
+    # only the check is shared with the single-file formats.
+    version = check_format(raw, path, format=DELTA_FORMAT, version=DELTA_VERSION, what="delta", error=CheckpointError)
     meta: dict[str, Any] = dict(raw)
     meta["format_version"] = version
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -253,11 +252,8 @@ def save_motion_embedder(embedder: MotionScoreEmbedding, path: str | os.PathLike
     ``config`` (constructor args), ``family``, ``base_fingerprint``, ``motion_guidance``
     (``{"uncond_scores", "scale"}``, the defaults the file suggests) and ``extra``.
     """
-    from safetensors.torch import save_file
+    from merging.fileformat import save_safetensors_atomic
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embedder.state_dict().items()}
     meta = {
         "format": FORMAT_NAME,
@@ -270,47 +266,20 @@ def save_motion_embedder(embedder: MotionScoreEmbedding, path: str | os.PathLike
         ),
         "extra": json.dumps(dict(extra or {}), sort_keys=True, default=str),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_safetensors_atomic(tensors, path, meta)
 
 
 def read_motion_embedder_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Parsed metadata of an embedder file (``config``, ``family``, ``base_fingerprint``, ...),
     without loading weights. Raises ``MotionEmbedderFileError`` naming the file."""
-    from safetensors import safe_open
+    from merging.fileformat import read_metadata
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MotionEmbedderFileError(f"motion embedder file {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types on a corrupt header
-        raise MotionEmbedderFileError(f"{path!r} is not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise MotionEmbedderFileError(
-            f"{path!r} is not a MotionDial motion embedder (format {meta.get('format')!r}, expected {FORMAT_NAME!r})"
-        )
-    try:
-        version = int(meta.get("format_version", "0"))
-    except ValueError:
-        version = -1
-    if version != FORMAT_VERSION:
-        raise MotionEmbedderFileError(
-            f"{path!r}: motion embedder format version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        )
+    meta = read_metadata(path, format=FORMAT_NAME, version=FORMAT_VERSION, what="motion embedder", error=MotionEmbedderFileError)
     try:
         out = {
             "format": meta["format"],
-            "format_version": version,
+            "format_version": FORMAT_VERSION,
             "config": json.loads(meta["config"]),
             "family": meta.get("family") or None,
             "base_fingerprint": json.loads(meta["base_fingerprint"]) if meta.get("base_fingerprint") else None,

@@ -241,7 +241,7 @@ def save_estimator(
     if config is not None and config.to_dict() != net.config.to_dict():
         raise ValueError("save_estimator: config differs from the network's own config")
     extra = metadata
-    from safetensors.torch import save_file
+    from merging.fileformat import save_safetensors_atomic
 
     p = Path(path)
     if p.suffix != ".safetensors":
@@ -256,15 +256,7 @@ def save_estimator(
     }
     if extra:
         meta["extra"] = json.dumps(extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".safetensors.tmp", dir=str(p.parent))
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic(state, p, meta)
     side = p.with_suffix(".json")
     side_doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": net.config.to_dict(),
                 "num_parameters": net.num_parameters(), "weights": p.name, **({"extra": extra} if extra else {})}
@@ -277,27 +269,19 @@ def save_estimator(
 
 def load_estimator(path: str | os.PathLike) -> MotionEstimatorNet:
     """Load a file written by :func:`save_estimator` (safetensors only; never pickle). Eval mode."""
-    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from merging.fileformat import read_metadata
 
     p = Path(path)
     if not p.is_file():
+        # FileNotFoundError, not EstimatorFileError: estimator="path" callers treat both apart.
         raise FileNotFoundError(f"learned estimator not found: {p}")
+    meta = read_metadata(p, format=FORMAT, version=FORMAT_VERSION, what="motion estimator", error=EstimatorFileError)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a bad header
+        state = load_file(str(p))
+    except Exception as e:  # a header that parses can still describe missing tensor data
         raise EstimatorFileError(f"{p}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise EstimatorFileError(
-            f"{p}: not a MotionDial motion estimator (metadata format {meta.get('format')!r}, expected {FORMAT!r})"
-        )
-    try:
-        version = int(meta.get("format_version", "0"))
-    except ValueError:
-        version = -1
-    if version != FORMAT_VERSION:
-        raise EstimatorFileError(f"{p}: estimator format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     try:
         config = EstimatorConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as e:

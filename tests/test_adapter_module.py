@@ -239,7 +239,7 @@ def test_load_rejects_other_files(tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(tmp_path / "missing.safetensors")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "m.safetensors"),
-              metadata={"format": "motiondial.temporal_text_adapter", "version": "1", "config": "{not json"})
+              metadata={"format": "motiondial.temporal_text_adapter", "format_version": "1", "config": "{not json"})
     with pytest.raises(AdapterError, match="malformed adapter metadata"):
         load_adapter(tmp_path / "m.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")

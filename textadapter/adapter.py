@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping
@@ -343,35 +342,20 @@ def save_adapter(
 ) -> str:
     """Write the adapter as safetensors (fp32) with JSON metadata, atomically.
 
-    Metadata: ``format``, ``version``, ``config`` (``AdapterConfig``), ``base_fingerprint`` (of the
+    Metadata: ``format``, ``format_version``, ``config`` (``AdapterConfig``), ``base_fingerprint`` (of the
     UNet it was trained with) and ``text_encoder`` (width, name: which encoder it expects).
     """
-    from safetensors.torch import save_file
+    from merging.fileformat import save_safetensors_atomic
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     meta = {
         "format": ADAPTER_FORMAT,
-        "version": str(ADAPTER_VERSION),
+        "format_version": str(ADAPTER_VERSION),
         "config": adapter.config.to_json(),
         "base_fingerprint": json.dumps(dict(base_fingerprint or {}), sort_keys=True),
         "text_encoder": json.dumps(dict(text_encoder or {}), sort_keys=True),
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-adapter-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_safetensors_atomic(tensors, path, meta)
 
 
 @dataclass
@@ -386,27 +370,9 @@ class LoadedAdapter:
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of an adapter file; raises ``AdapterError`` if it is not one."""
-    from safetensors import safe_open
+    from merging.fileformat import read_metadata
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AdapterError(f"text adapter file {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(
-            f"{path}: not a MotionDial text adapter (format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})"
-        )
-    try:
-        version = int(meta.get("version", "0"))
-    except ValueError:
-        raise AdapterError(f"{path}: malformed adapter version {meta.get('version')!r}") from None
-    if version > ADAPTER_VERSION:
-        raise AdapterError(f"{path}: adapter format version {version} is newer than this MotionDial")
-    return meta
+    return read_metadata(path, format=ADAPTER_FORMAT, version=ADAPTER_VERSION, what="text adapter", error=AdapterError)
 
 
 def load_adapter(
