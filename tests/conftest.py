@@ -1,4 +1,5 @@
-"""Shared test set-up: small thread counts (CI has 2 cores) and deterministic seeds."""
+"""Shared test set-up: small thread counts (CI has 2 cores), offline hub, and the fixtures
+several test files use (tiny model folders, the node test environment)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no code path may reach a model hub
@@ -30,3 +31,15 @@ def tiny_model_dir(tmp_path_factory):
         return built[family]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def nodes_env():
+    """The node tests' environment (``nodes_harness.env()``: a ComfyUI-like models tree with tiny
+    models, the ComfyUI stand-ins and the pack loaded), installed for one test module and the
+    stand-ins taken out of ``sys.modules`` after it."""
+    import nodes_harness
+
+    e = nodes_harness.env()
+    yield e
+    e.uninstall()

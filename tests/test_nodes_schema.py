@@ -24,20 +24,13 @@ CORE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE"}
 
 
 @pytest.fixture(scope="module")
-def env():
-    e = h.env()
-    yield e
-    e.uninstall()
+def schemas(nodes_env):
+    return {nid: cls.define_schema() for nid, cls in nodes_env.by_id.items()}
 
 
-@pytest.fixture(scope="module")
-def schemas(env):
-    return {nid: cls.define_schema() for nid, cls in env.by_id.items()}
-
-
-def test_extension_lists_every_node_once(env):
-    assert set(env.by_id) == EXPECTED
-    ext = asyncio.run(env.pack.comfy_entrypoint())
+def test_extension_lists_every_node_once(nodes_env):
+    assert set(nodes_env.by_id) == EXPECTED
+    ext = asyncio.run(nodes_env.pack.comfy_entrypoint())
     listed = asyncio.run(ext.get_node_list())
     assert len(listed) == len(EXPECTED)
 
@@ -87,11 +80,11 @@ def test_sampler_outputs_feed_core_video_nodes(schemas):
     assert optional == {"scores", "embedder", "task_vectors", "schedule", "text_adapter"}
 
 
-def test_combos_list_the_registered_model_folders(env, schemas):
+def test_combos_list_the_registered_model_folders(nodes_env, schemas):
     import folder_paths
 
     for kind in ("motion_estimators", "motion_embedders", "task_vectors", "finetune_deltas", "text_adapters"):
-        assert folder_paths.get_folder_paths(kind)[0] == os.path.join(env.models, kind)
+        assert folder_paths.get_folder_paths(kind)[0] == os.path.join(nodes_env.models, kind)
     opts = {i.id: i.options for i in schemas["MotionDialLoadI2VModel"].inputs if i.io_type == "COMBO"}
     assert h.BASE in opts["model_name"] and h.FINETUNED in opts["model_name"]
     emb = next(i for i in schemas["MotionDialLoadMotionEmbedder"].inputs if i.id == "embedder_name")
@@ -100,8 +93,8 @@ def test_combos_list_the_registered_model_folders(env, schemas):
     assert h.TASK_VECTORS in tv.options
 
 
-def test_examples_were_copied_to_input(env):
-    assert sorted(os.listdir(env.input)) == ["motiondial_example.png", "motiondial_reference.mp4"]
+def test_examples_were_copied_to_input(nodes_env):
+    assert sorted(os.listdir(nodes_env.input)) == ["motiondial_example.png", "motiondial_reference.mp4"]
 
 
 def test_nodes_package_imports_only_relatively():

@@ -14,13 +14,6 @@ import nodes_harness as h
 FAST = {"frames": 9, "steps": 3, "height": 32, "width": 48}
 
 
-@pytest.fixture(scope="module")
-def env():
-    e = h.env()
-    yield e
-    e.uninstall()
-
-
 def _fast(graph: dict) -> dict:
     for node in graph.values():
         if node["class_type"] == "MotionDialI2VSampler":
@@ -44,14 +37,14 @@ def _check_video(graph, result):
     return frames
 
 
-def test_build_ed_task_vectors_workflow(env):
+def test_build_ed_task_vectors_workflow(nodes_env):
     g = h.load_workflow("motiondial_build_ed_task_vectors", api=True)
     r = h.run_api_graph(g)  # the session's models dir already holds this set: found, not rebuilt
     assert r.outputs["1"][2].startswith("already built")
     g["1"]["inputs"]["name"] = "ed_fresh"  # a real build
     r = h.run_api_graph(g)
     tv, schedule, summary = r.outputs["1"]
-    folder = os.path.join(env.models, "task_vectors", "ed_fresh")
+    folder = os.path.join(nodes_env.models, "task_vectors", "ed_fresh")
     assert summary.startswith("built") and folder in summary and r.core.previews == [summary]
     assert sorted(tv.deltas) == ["control", "dynamics"] and tv.folder == folder
     assert os.path.isfile(os.path.join(folder, "dynamics.safetensors"))
@@ -65,7 +58,7 @@ def test_build_ed_task_vectors_workflow(env):
         h.run_api_graph(g)
 
 
-def test_dials_workflow(env):
+def test_dials_workflow(nodes_env):
     g = _fast(h.load_workflow("motiondial_i2v_dials", api=True))
     frames = _check_video(g, h.run_api_graph(g))
     # The dials reach the model: other intensities, other frames (the test embedder is not zero).
@@ -74,7 +67,7 @@ def test_dials_workflow(env):
     assert (frames - other).abs().max() > 1e-4
 
 
-def test_ed_schedule_workflow(env):
+def test_ed_schedule_workflow(nodes_env):
     g = _fast(h.load_workflow("motiondial_i2v_ed_schedule", api=True))
     with_ed = _check_video(g, h.run_api_graph(g))
     # The task vectors change the result; strengths 0 give back the plain model.
@@ -86,7 +79,7 @@ def test_ed_schedule_workflow(env):
     assert torch.allclose(plain_weights, no_ed, atol=1e-5)
 
 
-def test_motion_transfer_workflow(env):
+def test_motion_transfer_workflow(nodes_env):
     g = _fast(h.load_workflow("motiondial_motion_transfer", api=True))
     r = h.run_api_graph(g)
     _check_video(g, r)

@@ -15,13 +15,6 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NAMES = h.workflow_names()
 
 
-@pytest.fixture(scope="module")
-def env():
-    e = h.env()
-    yield e
-    e.uninstall()
-
-
 def _schema_widgets(schema):
     """(input, ui slot count) in widgets_values order: seeds with control_after_generate take two."""
     return [(i, 2 if getattr(i, "control_after_generate", None) else 1) for i in schema.inputs
@@ -39,7 +32,7 @@ def test_the_four_workflows_are_shipped_with_thumbnails_and_api_copies():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_workflow_matches_schemas(env, name):
+def test_ui_workflow_matches_schemas(nodes_env, name):
     wf = h.load_workflow(name, api=False)
     assert wf.get("version") == 0.4 and wf["nodes"] and isinstance(wf["links"], list)
     nodes = {n["id"]: n for n in wf["nodes"]}
@@ -56,8 +49,8 @@ def test_ui_workflow_matches_schemas(env, name):
             for i in n["inputs"]:
                 assert i["name"] in core["inputs"], f"{where}: unknown input {i['name']}"
             continue
-        assert n["type"] in env.by_id, f"{where}: unknown node type"
-        schema = env.by_id[n["type"]].define_schema()
+        assert n["type"] in nodes_env.by_id, f"{where}: unknown node type"
+        schema = nodes_env.by_id[n["type"]].define_schema()
         # outputs: names and types, in order
         assert [(o["name"], o["type"]) for o in n["outputs"]] == \
             [(o.display_name, o.io_type) for o in schema.outputs], where
@@ -113,7 +106,7 @@ def test_ui_links_are_consistent(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_copy_is_the_same_graph(env, name):
+def test_api_copy_is_the_same_graph(nodes_env, name):
     ui = h.load_workflow(name, api=False)
     api = h.load_workflow(name, api=True)
     nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != "Note"}
@@ -127,8 +120,8 @@ def test_api_copy_is_the_same_graph(env, name):
             if i["link"] is not None:
                 _, src, slot, *_ = links[i["link"]]
                 expected[i["name"]] = [str(src), slot]
-        if u["type"] in env.by_id:
-            widgets = _schema_widgets(env.by_id[u["type"]].define_schema())
+        if u["type"] in nodes_env.by_id:
+            widgets = _schema_widgets(nodes_env.by_id[u["type"]].define_schema())
             k = 0
             for spec, slots in widgets:
                 if spec.id not in expected:
@@ -139,8 +132,8 @@ def test_api_copy_is_the_same_graph(env, name):
             for n, v in zip(names, u["widgets_values"]):
                 expected.setdefault(n, v)
         assert node["inputs"] == expected, f"{name}: node {nid}"
-        h.validate_inputs(env.by_id[u["type"]].define_schema(), node["inputs"], nid) if u["type"] in env.by_id \
-            else None
+        h.validate_inputs(nodes_env.by_id[u["type"]].define_schema(), node["inputs"], nid) \
+            if u["type"] in nodes_env.by_id else None
 
 
 def test_generator_reproduces_the_shipped_files(tmp_path):
