@@ -43,3 +43,49 @@ def nodes_env():
     e = nodes_harness.env()
     yield e
     e.uninstall()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for every test module (restored after it), even if an earlier module
+    or a CLI under test changed it: tiny models only pay for thread synchronisation, ~10-20x
+    slower with two threads on a busy 2-core machine. Module-scoped so that module-scoped model
+    fixtures are built under it too (autouse fixtures run first within their scope)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    """Factory: ``tiny_model(family) -> I2VModel``, ``pipelines.load_model`` of the session's
+    tiny folder, loaded once per test module (tests that patch it must restore it)."""
+    from pipelines import load_model
+
+    loaded: dict = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_model(tiny_model_dir(family))
+        return loaded[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_cog(tiny_model):
+    """The tiny CogVideoX 1.0 I2V model (resolution-locked to 32x32), loaded once per module."""
+    return tiny_model("cogvideox-i2v")
+
+
+@pytest.fixture(scope="module")
+def tiny_cog15(tiny_model):
+    """The tiny CogVideoX 1.5 I2V model (multiples of 16 px up to 128), loaded once per module."""
+    return tiny_model("cogvideox1.5-i2v")
+
+
+@pytest.fixture(scope="module")
+def tiny_svd(tiny_model):
+    """The tiny SVD model, loaded once per module."""
+    return tiny_model("svd")

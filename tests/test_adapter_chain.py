@@ -9,15 +9,6 @@ from textadapter import load_text_control
 from textadapter.tiny import build_tiny_clip_text
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from 2 threads; on a busy 2-core machine they get much slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_ed_chain_train_build_sample(tmp_path, tiny_model_dir):
     from merging.build import main as build_main

@@ -20,16 +20,6 @@ from textadapter import (
 FRAMES = 4
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from 2 threads, and on a busy 2-core machine OpenMP barriers
-    # make them 20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _unet(seed=0):
     from diffusers import UNetSpatioTemporalConditionModel
 

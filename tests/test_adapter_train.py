@@ -15,16 +15,6 @@ FRAMES = 4
 CAPTIONS = ("camera pans left", "camera pans right")
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from 2 threads, and on a busy 2-core machine OpenMP barriers
-    # make them 20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("stage1")

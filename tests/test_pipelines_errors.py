@@ -14,14 +14,6 @@ from pipelines import ModelLoadError, load_model, sample
 IMG = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tree_digest(folder):
     out = {}
     for root, _, files in os.walk(folder):
@@ -141,16 +133,6 @@ def test_bad_load_arguments(tiny_model_dir):
 
 
 # -- sampling inputs ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cog(one_thread, tiny_model_dir):
-    return load_model(tiny_model_dir("cogvideox-i2v"))
-
-
-@pytest.fixture(scope="module")
-def cog15(one_thread, tiny_model_dir):
-    return load_model(tiny_model_dir("cogvideox1.5-i2v"))
-
-
 OK = dict(frames=9, steps=2, cfg=6.0, seed=0)
 
 
@@ -172,42 +154,42 @@ OK = dict(frames=9, steps=2, cfg=6.0, seed=0)
         ({"camera_intensity": 5.0}, r"need a motion_embedder"),
     ],
 )
-def test_bad_sampling_arguments(cog, override, pattern):
+def test_bad_sampling_arguments(tiny_cog, override, pattern):
     with pytest.raises(ValueError, match=pattern):
-        sample(cog, IMG, "x", **{**OK, **override})
+        sample(tiny_cog, IMG, "x", **{**OK, **override})
 
 
-def test_resolution_locked_model_refuses_far_aspect(cog):
+def test_resolution_locked_model_refuses_far_aspect(tiny_cog):
     wide = np.zeros((32, 80, 3), np.uint8)
     with pytest.raises(ValueError, match=r"image: 80x32 \(aspect 2\.50\) cannot be taken by this resolution-locked"):
-        sample(cog, wide, "x", **OK)
+        sample(tiny_cog, wide, "x", **OK)
     near = np.zeros((30, 34, 3), np.uint8)  # close to square: scaled and centre-cropped
-    assert sample(cog, near, "x", **OK).frames.shape == (9, 32, 32, 3)
+    assert sample(tiny_cog, near, "x", **OK).frames.shape == (9, 32, 32, 3)
 
 
-def test_size_errors_on_unlocked_model(cog15):
+def test_size_errors_on_unlocked_model(tiny_cog15):
     with pytest.raises(ValueError, match=r"height=30: must be a positive multiple of 16 up to 128"):
-        sample(cog15, IMG, "x", **OK, height=30, width=32)
+        sample(tiny_cog15, IMG, "x", **OK, height=30, width=32)
     with pytest.raises(ValueError, match=r"width=256: .* up to 128"):
-        sample(cog15, IMG, "x", **OK, height=32, width=256)
+        sample(tiny_cog15, IMG, "x", **OK, height=32, width=256)
     with pytest.raises(ValueError, match="too small"):
-        sample(cog15, np.zeros((4, 4, 3), np.uint8), "x", **OK)
+        sample(tiny_cog15, np.zeros((4, 4, 3), np.uint8), "x", **OK)
 
 
-def test_bad_images(cog, tmp_path):
+def test_bad_images(tiny_cog, tmp_path):
     with pytest.raises(ValueError, match=r"image: .*missing\.png does not exist"):
-        sample(cog, str(tmp_path / "missing.png"), "x", **OK)
+        sample(tiny_cog, str(tmp_path / "missing.png"), "x", **OK)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"bad\.png is not a readable image"):
-        sample(cog, str(bad), "x", **OK)
+        sample(tiny_cog, str(bad), "x", **OK)
     with pytest.raises(ValueError, match=r"expected an \[H, W, 3\] image"):
-        sample(cog, np.zeros((2, 32, 32, 3), np.uint8), "x", **OK)
+        sample(tiny_cog, np.zeros((2, 32, 32, 3), np.uint8), "x", **OK)
     with pytest.raises(ValueError, match="expected a path"):
-        sample(cog, 42, "x", **OK)
+        sample(tiny_cog, 42, "x", **OK)
 
 
-def test_embedder_needs_both_scores_in_range(cog):
+def test_embedder_needs_both_scores_in_range(tiny_cog):
     from torch import nn
 
     class Zero(nn.Module):
@@ -215,21 +197,21 @@ def test_embedder_needs_both_scores_in_range(cog):
             return torch.zeros(o.shape[0], 16)
 
     with pytest.raises(ValueError, match="needs both object_intensity and camera_intensity"):
-        sample(cog, IMG, "x", **OK, motion_embedder=Zero(), object_intensity=5)
+        sample(tiny_cog, IMG, "x", **OK, motion_embedder=Zero(), object_intensity=5)
     with pytest.raises(ValueError, match=r"camera_intensity=11"):
-        sample(cog, IMG, "x", **OK, motion_embedder=Zero(), object_intensity=5, camera_intensity=11)
+        sample(tiny_cog, IMG, "x", **OK, motion_embedder=Zero(), object_intensity=5, camera_intensity=11)
     with pytest.raises(ValueError, match="weight_schedule must be a merging.patcher.ScheduledWeights"):
-        sample(cog, IMG, "x", **OK, weight_schedule={"dynamics": 1.0})
+        sample(tiny_cog, IMG, "x", **OK, weight_schedule={"dynamics": 1.0})
 
 
-def test_sampling_with_schedule_leaves_files_untouched(cog, tiny_model_dir):
+def test_sampling_with_schedule_leaves_files_untouched(tiny_cog, tiny_model_dir):
     from merging.patcher import ScheduledWeights
     from merging.schedule import Constant
 
     folder = tiny_model_dir("cogvideox-i2v")
     before = _tree_digest(folder)
-    deltas = {"d": {k: torch.ones_like(p) for k, p in cog.denoiser.named_parameters()}}
-    sample(cog, IMG, "x", **OK, weight_schedule=ScheduledWeights(deltas, Constant({"d": 0.5})))
+    deltas = {"d": {k: torch.ones_like(p) for k, p in tiny_cog.denoiser.named_parameters()}}
+    sample(tiny_cog, IMG, "x", **OK, weight_schedule=ScheduledWeights(deltas, Constant({"d": 0.5})))
     assert _tree_digest(folder) == before  # the mmap-backed weights were never written through
 
 

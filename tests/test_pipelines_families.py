@@ -22,19 +22,9 @@ def _image(h=32, w=32, seed=0):
     return (rng.random((h, w, 3)) * 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add synchronisation; on a busy 2-core machine two
-    # threads made these tests ~10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def models(one_thread, tiny_model_dir):
-    return {fam: load_model(tiny_model_dir(fam)) for fam in TINY_FAMILIES}
+def models(tiny_model):
+    return {fam: tiny_model(fam) for fam in TINY_FAMILIES}
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

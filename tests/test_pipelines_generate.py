@@ -5,19 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines import generate
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_bundled_sample_image_is_small_and_readable():

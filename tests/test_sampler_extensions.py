@@ -13,29 +13,6 @@ SVD_RUN = dict(frames=3, steps=3, cfg=2.5, seed=7)
 IMG = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is ~10x faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cog(one_thread, tiny_model_dir):
-    return load_model(tiny_model_dir("cogvideox-i2v"))
-
-
-@pytest.fixture(scope="module")
-def cog15(one_thread, tiny_model_dir):
-    return load_model(tiny_model_dir("cogvideox1.5-i2v"))
-
-
-@pytest.fixture(scope="module")
-def svd(one_thread, tiny_model_dir):
-    return load_model(tiny_model_dir("svd"))
-
-
 def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -63,10 +40,10 @@ def _no_hooks_left(model):
 
 
 # -- weight schedules ----------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["cog", "svd"])
+@pytest.mark.parametrize("which", ["tiny_cog", "tiny_svd"])
 def test_constant_schedule_equals_static_merge(request, which):
     model = request.getfixturevalue(which)
-    run = RUN if which == "cog" else SVD_RUN
+    run = RUN if which == "tiny_cog" else SVD_RUN
     den = model.denoiser
     base = _snapshot(den)
     deltas = _random_deltas(den, every=2)
@@ -91,8 +68,8 @@ def test_constant_schedule_equals_static_merge(request, which):
 
 
 @pytest.mark.parametrize("switch", [0.5, 0.749])
-def test_hard_switch_changes_weights_at_first_step_at_or_below_switch(cog, switch):
-    den = cog.denoiser
+def test_hard_switch_changes_weights_at_first_step_at_or_below_switch(tiny_cog, switch):
+    den = tiny_cog.denoiser
     base = _snapshot(den)
     deltas = _random_deltas(den, every=3)
     key = next(iter(deltas["dynamics"]))
@@ -100,7 +77,7 @@ def test_hard_switch_changes_weights_at_first_step_at_or_below_switch(cog, switc
     # Runs inside the denoiser's forward, after the sampler's pre-hook has set the weights.
     h = den.transformer_blocks[0].register_forward_pre_hook(lambda m, a: seen.append(den.get_parameter(key).detach().clone()))
     try:
-        v = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch(switch=switch)), **RUN)
+        v = sample(tiny_cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch(switch=switch)), **RUN)
     finally:
         h.remove()
     levels = [s.noise_level for s in v.trace]
@@ -119,10 +96,10 @@ def test_hard_switch_changes_weights_at_first_step_at_or_below_switch(cog, switc
     _assert_bit_identical(den, base)
 
 
-def test_svd_schedule_sees_sigma_levels(svd):
-    den = svd.denoiser
+def test_svd_schedule_sees_sigma_levels(tiny_svd):
+    den = tiny_svd.denoiser
     base = _snapshot(den)
-    v = sample(svd, IMG, "", weight_schedule=ScheduledWeights(_random_deltas(den, every=5), HardSwitch(switch=0.5)),
+    v = sample(tiny_svd, IMG, "", weight_schedule=ScheduledWeights(_random_deltas(den, every=5), HardSwitch(switch=0.5)),
                **SVD_RUN)
     for s in v.trace:
         assert s.weights == ({"dynamics": 1.0, "control": 0.0} if s.noise_level > 0.5 else {"dynamics": 0.0, "control": 1.0})
@@ -144,20 +121,20 @@ class _FailingSchedule:
         return {"dynamics": 1.0 - level}
 
 
-def test_weights_restored_after_exception_mid_run(cog):
-    den = cog.denoiser
+def test_weights_restored_after_exception_mid_run(tiny_cog):
+    den = tiny_cog.denoiser
     base = _snapshot(den)
     sched = _FailingSchedule(fail_at=3)
     with pytest.raises(RuntimeError, match="boom at step 3"):
-        sample(cog, IMG, "x", weight_schedule=ScheduledWeights(_random_deltas(den, ("dynamics",)), sched), **RUN)
+        sample(tiny_cog, IMG, "x", weight_schedule=ScheduledWeights(_random_deltas(den, ("dynamics",)), sched), **RUN)
     assert sched.calls == 3  # weights had been patched twice before the failure
     _assert_bit_identical(den, base)
-    _no_hooks_left(cog)
+    _no_hooks_left(tiny_cog)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
-def test_weights_restored_when_progress_callback_raises(cog, exc):
-    den = cog.denoiser
+def test_weights_restored_when_progress_callback_raises(tiny_cog, exc):
+    den = tiny_cog.denoiser
     base = _snapshot(den)
     calls = []
 
@@ -166,16 +143,16 @@ def test_weights_restored_when_progress_callback_raises(cog, exc):
         if step == 2:
             raise exc("stop")
 
-    emb = _ConstEmbedder(cog.time_embed_dim, 0.5)
+    emb = _ConstEmbedder(tiny_cog.time_embed_dim, 0.5)
     with pytest.raises(exc):
-        sample(cog, IMG, "x", weight_schedule=ScheduledWeights(_random_deltas(den), HardSwitch()),
+        sample(tiny_cog, IMG, "x", weight_schedule=ScheduledWeights(_random_deltas(den), HardSwitch()),
                motion_embedder=emb, object_intensity=3, camera_intensity=4, progress=progress, **RUN)
     assert calls == [1, 2]
     _assert_bit_identical(den, base)
-    _no_hooks_left(cog)
+    _no_hooks_left(tiny_cog)
     # and the model still samples exactly as before
-    a = sample(cog, IMG, "x", **RUN)
-    b = sample(cog, IMG, "x", **RUN)
+    a = sample(tiny_cog, IMG, "x", **RUN)
+    b = sample(tiny_cog, IMG, "x", **RUN)
     assert torch.equal(a.frames, b.frames)
 
 
@@ -224,10 +201,10 @@ def _capture_time_embedding(model, store):
     return model.time_embedding.register_forward_hook(lambda m, a, out: store.append(out.detach().clone()))
 
 
-@pytest.mark.parametrize("which", ["cog", "cog15", "svd"])
+@pytest.mark.parametrize("which", ["tiny_cog", "tiny_cog15", "tiny_svd"])
 def test_zero_embedder_is_bit_identical(request, which):
     model = request.getfixturevalue(which)
-    run = {"cog": RUN, "cog15": dict(RUN, height=32, width=32), "svd": SVD_RUN}[which]
+    run = {"tiny_cog": RUN, "tiny_cog15": dict(RUN, height=32, width=32), "tiny_svd": SVD_RUN}[which]
     plain = sample(model, IMG, "x", **run)
     zero = sample(model, IMG, "x", motion_embedder=_ConstEmbedder(model.time_embed_dim, 0.0),
                   object_intensity=9, camera_intensity=2, **run)
@@ -242,14 +219,14 @@ def test_zero_embedder_is_bit_identical(request, which):
     _no_hooks_left(model)
 
 
-@pytest.mark.parametrize("which", ["cog", "svd"])
+@pytest.mark.parametrize("which", ["tiny_cog", "tiny_svd"])
 def test_embedder_added_to_both_cfg_halves(request, which):
     model = request.getfixturevalue(which)
-    run = dict(RUN if which == "cog" else SVD_RUN, steps=1)
+    run = dict(RUN if which == "tiny_cog" else SVD_RUN, steps=1)
     dim = model.time_embed_dim
     plain, aug, got = [], [], []
     hooks = [_capture_time_embedding(model, plain)]
-    if which == "cog":  # the embedding as the first block receives it
+    if which == "tiny_cog":  # the embedding as the first block receives it
         hooks.append(model.denoiser.transformer_blocks[0].register_forward_pre_hook(
             lambda m, a, kw: got.append(kw["temb"].clone()), with_kwargs=True))
     else:  # SVD adds add_embedding(time ids), repeats over frames, then SiLU -> time_emb_proj
@@ -267,7 +244,7 @@ def test_embedder_added_to_both_cfg_halves(request, which):
     assert e.shape == (2, dim)  # the CFG batch [uncond; cond]
     both = e + 203.0  # 3 + 100 * 2 on both halves
     neutral = torch.stack([e[0] + 555.5, e[1] + 203.0])  # uncond half: 5.5 + 100 * 5.5
-    if which == "svd":
+    if which == "tiny_svd":
         def downstream(x, a):
             return torch.nn.functional.silu((x + a).repeat_interleave(run["frames"], dim=0))
 
@@ -276,19 +253,19 @@ def test_embedder_added_to_both_cfg_halves(request, which):
     assert torch.equal(got[1], neutral)
 
 
-def test_motion_score_embedding_cfg_embedding_is_used(cog):
+def test_motion_score_embedding_cfg_embedding_is_used(tiny_cog):
     motion = pytest.importorskip("motion.embedding")
-    emb = motion.MotionScoreEmbedding(cog.time_embed_dim, uncond_scores=(5.5, 5.5), motion_guidance_scale=3.0)
+    emb = motion.MotionScoreEmbedding(tiny_cog.time_embed_dim, uncond_scores=(5.5, 5.5), motion_guidance_scale=3.0)
     with torch.no_grad():
         for p in emb.parameters():
             p.normal_(0, 0.5)
     got = []
-    h = cog.denoiser.transformer_blocks[0].register_forward_pre_hook(
+    h = tiny_cog.denoiser.transformer_blocks[0].register_forward_pre_hook(
         lambda m, a, kw: got.append(kw["temb"].clone()), with_kwargs=True)
     plain = []
-    h0 = _capture_time_embedding(cog, plain)
+    h0 = _capture_time_embedding(tiny_cog, plain)
     try:
-        sample(cog, IMG, "x", motion_embedder=emb, object_intensity=8, camera_intensity=2, **dict(RUN, steps=1))
+        sample(tiny_cog, IMG, "x", motion_embedder=emb, object_intensity=8, camera_intensity=2, **dict(RUN, steps=1))
     finally:
         h.remove()
         h0.remove()
@@ -297,50 +274,50 @@ def test_motion_score_embedding_cfg_embedding_is_used(cog):
     assert not torch.allclose(e_u, e_c)
 
 
-def test_embedder_without_cfg_batch(cog):
+def test_embedder_without_cfg_batch(tiny_cog):
     got, plain = [], []
-    h = cog.denoiser.transformer_blocks[0].register_forward_pre_hook(
+    h = tiny_cog.denoiser.transformer_blocks[0].register_forward_pre_hook(
         lambda m, a, kw: got.append(kw["temb"].clone()), with_kwargs=True)
-    h0 = _capture_time_embedding(cog, plain)
+    h0 = _capture_time_embedding(tiny_cog, plain)
     try:
-        sample(cog, IMG, "x", motion_embedder=_ScoreEmbedder(cog.time_embed_dim, uncond_scores=(1, 1)),
+        sample(tiny_cog, IMG, "x", motion_embedder=_ScoreEmbedder(tiny_cog.time_embed_dim, uncond_scores=(1, 1)),
                object_intensity=1, camera_intensity=1, **dict(RUN, steps=1, cfg=1.0))
     finally:
         h.remove()
         h0.remove()
-    assert got[0].shape == (1, cog.time_embed_dim)
+    assert got[0].shape == (1, tiny_cog.time_embed_dim)
     assert torch.equal(got[0], plain[0] + 101.0)
 
 
-def test_embedder_with_wrong_width_is_refused(cog):
+def test_embedder_with_wrong_width_is_refused(tiny_cog):
     with pytest.raises(ValueError, match=r"expected \[1, 16\]"):
-        sample(cog, IMG, "x", motion_embedder=_ConstEmbedder(7, 1.0), object_intensity=5, camera_intensity=5, **RUN)
-    _no_hooks_left(cog)
+        sample(tiny_cog, IMG, "x", motion_embedder=_ConstEmbedder(7, 1.0), object_intensity=5, camera_intensity=5, **RUN)
+    _no_hooks_left(tiny_cog)
 
 
 # -- prediction-mixing schedules -----------------------------------------------------------------
-def test_prediction_blend_hard_switch_equals_weight_hard_switch(cog):
+def test_prediction_blend_hard_switch_equals_weight_hard_switch(tiny_cog):
     from merging.schedule import PredictionBlend
 
-    den = cog.denoiser
+    den = tiny_cog.denoiser
     base = _snapshot(den)
     deltas = _random_deltas(den, every=2)
-    a = sample(cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch()), **RUN)
-    b = sample(cog, IMG, "x", weight_schedule=ScheduledPredictions(deltas, PredictionBlend(HardSwitch())), **RUN)
+    a = sample(tiny_cog, IMG, "x", weight_schedule=ScheduledWeights(deltas, HardSwitch()), **RUN)
+    b = sample(tiny_cog, IMG, "x", weight_schedule=ScheduledPredictions(deltas, PredictionBlend(HardSwitch())), **RUN)
     assert torch.equal(a.frames, b.frames)  # one model per step, mix weight 1: the same run
     assert [s.mix for s in b.trace] == [[(s.weights, 1.0)] for s in a.trace]
     assert "forward" not in den.__dict__
     _assert_bit_identical(den, base)
 
 
-def test_prediction_blend_mixes_two_models(cog):
+def test_prediction_blend_mixes_two_models(tiny_cog):
     from merging.schedule import LinearBlend, PredictionBlend
 
-    den = cog.denoiser
+    den = tiny_cog.denoiser
     base = _snapshot(den)
     deltas = _random_deltas(den, every=2, scale=0.2)
     sched = ScheduledPredictions(deltas, PredictionBlend(LinearBlend()))
-    v = sample(cog, IMG, "x", weight_schedule=sched, **dict(RUN, steps=2))
+    v = sample(tiny_cog, IMG, "x", weight_schedule=sched, **dict(RUN, steps=2))
     assert "forward" not in den.__dict__
     _assert_bit_identical(den, base)
     # (the mixing arithmetic itself: test_mixing_forward_math)
