@@ -465,6 +465,44 @@ def build_ed(
     )
 
 
+def _build_one_delta(
+    prep: Prepared,
+    recipe: Any,
+    out_dir: str,
+    *,
+    recipe_name: str,
+    name: str,
+    params: dict[str, Any],
+    seed: int | None,
+    scope: str,
+    finetuned: str | None,
+    merged: bool,
+    dry_run: bool,
+    overwrite: bool,
+    max_shard_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> BuildResult:
+    """The shared tail of the recipes that write one delta ``name`` (task vector, TIES):
+    fingerprints, delta metadata, ``recipe.json``, then the streaming run.
+
+    ``seed``: ``None`` for seedless recipes (then ``recipe.json`` has no ``seed``);
+    ``finetuned``: the input whose fingerprint the delta records, ``None`` when there is no
+    single fine-tune (TIES merges several).
+    """
+    base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
+    ft_fp = None if dry_run or finetuned is None else _finetuned_fingerprint(prep, finetuned)
+    fam = prep.family.name if prep.family else None
+    meta = {name: delta_metadata(name=name, recipe=recipe_name, params=params, seed=seed, scope=scope,
+                                 n_keys=len(prep.scope_keys), dtype=prep.dtype, family=fam, base_fingerprint=base_fp,
+                                 finetuned_fingerprint=ft_fp)}
+    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": recipe_name, "params": params,
+                   **({} if seed is None else {"seed": seed}), "scope": scope, "dtype": short_dtype(prep.dtype),
+                   "family": fam}
+    return _execute(prep, {"base": prep.base, **prep.others}, _wrap(recipe, prep), meta,
+                    [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run, overwrite=overwrite,
+                    max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
+
+
 def build_task_vector(
     base: str | Checkpoint,
     finetuned: str | Checkpoint,
@@ -491,18 +529,12 @@ def build_task_vector(
     """
     prep = prepare(base, {"finetuned": finetuned}, scope=scope, family=family, dtype=dtype,
                    allow_dtype_mismatch=allow_dtype_mismatch, finetuned_deltas=True)
-    inputs = {"base": prep.base, **prep.others}
-    recipe = _wrap(TaskVectorRecipe(scale, dare_p, density, seed, name, merged), prep)
-    params = {"scale": scale, "dare_p": dare_p, "density": density}
-    base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
-    ft_fp = None if dry_run else _finetuned_fingerprint(prep, "finetuned")
-    fam = prep.family.name if prep.family else None
-    meta = {name: delta_metadata(name=name, recipe="task_vector", params=params, seed=seed, scope=scope, n_keys=len(prep.scope_keys),
-                                 dtype=prep.dtype, family=fam, base_fingerprint=base_fp, finetuned_fingerprint=ft_fp)}
-    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "task_vector", "params": params, "seed": seed,
-                   "scope": scope, "dtype": short_dtype(prep.dtype), "family": fam}
-    return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
-                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
+    return _build_one_delta(
+        prep, TaskVectorRecipe(scale, dare_p, density, seed, name, merged), out_dir, recipe_name="task_vector",
+        name=name, params={"scale": scale, "dare_p": dare_p, "density": density}, seed=seed, scope=scope,
+        finetuned="finetuned", merged=merged, dry_run=dry_run, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
 
 
 def build_ties(
@@ -530,17 +562,12 @@ def build_ties(
     others = {f"finetuned{i}": c for i, c in enumerate(finetuned)}
     prep = prepare(base, others, scope=scope, family=family, dtype=dtype, allow_dtype_mismatch=allow_dtype_mismatch,
                    finetuned_deltas=True)
-    inputs = {"base": prep.base, **prep.others}
-    recipe = _wrap(TiesRecipe(len(finetuned), density, scale, weights, name, merged), prep)
     params = {"density": density, "scale": scale, "weights": list(weights) if weights else None, "n_finetuned": len(finetuned)}
-    base_fp = {"format": "motiondial.fingerprint"} if dry_run else fingerprint_checkpoint(prep.base)
-    fam = prep.family.name if prep.family else None
-    meta = {name: delta_metadata(name=name, recipe="ties", params=params, seed=None, scope=scope, n_keys=len(prep.scope_keys),
-                                 dtype=prep.dtype, family=fam, base_fingerprint=base_fp)}
-    recipe_json = {"format": "motiondial.build", "version": 1, "recipe": "ties", "params": params, "scope": scope,
-                   "dtype": short_dtype(prep.dtype), "family": fam}
-    return _execute(prep, inputs, recipe, meta, [f"{name}_model"] if merged else [], out_dir, dry_run=dry_run,
-                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress, recipe_json=recipe_json)
+    return _build_one_delta(
+        prep, TiesRecipe(len(finetuned), density, scale, weights, name, merged), out_dir, recipe_name="ties",
+        name=name, params=params, seed=None, scope=scope, finetuned=None, merged=merged, dry_run=dry_run,
+        overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+    )
 
 
 def merge_deltas(
