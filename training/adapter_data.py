@@ -13,16 +13,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from training.motion_data import ClipRecord, MotionDataError, load_window, read_index, resize_crop
+from training.motion_data import ClipRecord, ClipWindows, MotionDataError, read_index
 
 __all__ = ["CaptionedClips", "MotionDataError", "collate_captioned", "read_index", "write_pan_dataset"]
 
 
-class CaptionedClips(torch.utils.data.Dataset):
+class CaptionedClips(ClipWindows):
     """Item ``i`` -> ``{"video": [T,3,H,W] float32 in -1..1, "caption": str, "index": int}``.
 
     The first ``frames`` frames of each clip, scaled to cover ``height x width`` and centre-cropped.
-    ``preload=True`` decodes every window once (small data sets: tests, demos).
+    ``preload=True`` decodes every window once, kept as uint8 (small data sets: tests, demos).
     """
 
     def __init__(
@@ -30,24 +30,10 @@ class CaptionedClips(torch.utils.data.Dataset):
     ) -> None:
         if not records:
             raise MotionDataError("train_adapter: the data index lists no clips")
-        self.records = list(records)
-        self.frames, self.height, self.width = int(frames), int(height), int(width)
-        self._cache: dict[int, torch.Tensor] = {}
-        if preload:
-            for i in range(len(self.records)):
-                self._cache[i] = self._video(i)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _video(self, i: int) -> torch.Tensor:
-        window, _ = load_window(self.records[i].path, self.frames)
-        window = resize_crop(window, self.height, self.width)
-        return torch.from_numpy(window).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        super().__init__(records, frames=frames, height=height, width=width, preload=preload)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        video = self._cache[i] if i in self._cache else self._video(i)
-        return {"video": video, "caption": self.records[i].caption, "index": i}
+        return {"video": self.video(i), "caption": self.records[i].caption, "index": i}
 
 
 def collate_captioned(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -303,7 +303,39 @@ def compute_scores(
 
 
 # -- dataset -----------------------------------------------------------------------------
-class MotionClipDataset(torch.utils.data.Dataset):
+class ClipWindows(torch.utils.data.Dataset):
+    """The clips' training windows: ``video(i)`` -> ``[T,3,H,W]`` float32 in -1..1, the clip's
+    first ``frames`` frames scaled to cover ``height x width`` and centre-cropped.
+
+    ``preload=True`` decodes every window once and keeps it as uint8 (4x smaller than float;
+    small data sets: tests, demos). Subclasses add the per-item condition in ``__getitem__``.
+    """
+
+    def __init__(self, records: Sequence[ClipRecord], *, frames: int, height: int, width: int,
+                 preload: bool = False) -> None:
+        self.records = list(records)
+        self.frames, self.height, self.width = int(frames), int(height), int(width)
+        self._cache: dict[int, torch.Tensor] = {}
+        if preload:
+            for i in range(len(self.records)):
+                self._cache[i] = self._window(i)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _window(self, i: int) -> torch.Tensor:
+        """``[T, 3, H, W]`` uint8."""
+        window, _ = load_window(self.records[i].path, self.frames)
+        window = resize_crop(window, self.height, self.width)
+        return torch.from_numpy(np.ascontiguousarray(window)).permute(0, 3, 1, 2).contiguous()
+
+    def video(self, i: int) -> torch.Tensor:
+        """Clip ``i``'s window, ``[T, 3, H, W]`` float32 in -1..1."""
+        raw = self._cache[i] if i in self._cache else self._window(i)
+        return raw.float() / 127.5 - 1.0
+
+
+class MotionClipDataset(ClipWindows):
     """Training windows: item ``i`` -> dict with ``video [T,3,H,W]`` float32 in -1..1 (the
     clip's first ``frames`` frames, scaled and centre-cropped to ``height x width``),
     ``caption`` (str), ``object`` / ``camera`` (float32 scalars, 1..10), ``index``.
@@ -322,28 +354,12 @@ class MotionClipDataset(torch.utils.data.Dataset):
     ) -> None:
         if len(records) != len(scores):
             raise ValueError(f"{len(records)} clips but {len(scores)} score rows")
-        self.records = list(records)
         self.scores = np.asarray(scores, dtype=np.float32)
-        self.frames, self.height, self.width = int(frames), int(height), int(width)
-        self._cache: dict[int, torch.Tensor] = {}
-        if preload:
-            for i in range(len(self.records)):
-                self._cache[i] = self._video(i)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _video(self, i: int) -> torch.Tensor:
-        """``[T, 3, H, W]`` uint8 (kept small in the preload cache)."""
-        window, _ = load_window(self.records[i].path, self.frames)
-        window = resize_crop(window, self.height, self.width)
-        return torch.from_numpy(np.ascontiguousarray(window)).permute(0, 3, 1, 2).contiguous()
+        super().__init__(records, frames=frames, height=height, width=width, preload=preload)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        raw = self._cache[i] if i in self._cache else self._video(i)
-        video = raw.float() / 127.5 - 1.0
         return {
-            "video": video,
+            "video": self.video(i),
             "caption": self.records[i].caption,
             "object": torch.tensor(float(self.scores[i, 0])),
             "camera": torch.tensor(float(self.scores[i, 1])),
