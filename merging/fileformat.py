@@ -5,18 +5,21 @@ a string), next to the config needed to rebuild the module.
 
 This module reads and checks that header and writes such files atomically, once for all
 packages; each caller passes its own error class and a word for what the file should be
-(``what="text adapter"``), so messages stay specific to the caller.
+(``what="text adapter"``), so messages stay specific to the caller. ``atomic_path`` is the one
+"temporary name, then rename" used for every output the library writes (videos, caches,
+side-car JSON, checkpoints).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Mapping
+import uuid
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["check_format", "read_metadata", "save_safetensors_atomic"]
+__all__ = ["atomic_path", "check_format", "read_metadata", "save_safetensors_atomic"]
 
 
 def check_format(
@@ -79,20 +82,34 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    with atomic_path(path) as tmp:
+        # safetensors creates its files 0600; give the output the mode an ordinary open() gets
+        # here (umask respected), read off an empty file created the ordinary way.
+        open(tmp, "wb").close()
+        mode = os.stat(tmp).st_mode & 0o777
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        os.chmod(tmp, mode)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
+    """Yield a fresh temporary path beside ``path``; when the block succeeds it is renamed onto
+    ``path`` (``os.replace``, atomic on one file system), when it fails it is removed.
+
+    The caller creates the file itself (``open``, ``save_file``, a video writer), so it gets the
+    permissions an ordinary write would (``mkstemp`` would force 0600). ``suffix`` ends the
+    temporary name, for writers that pick a container from the extension (``".mp4"``).
+    The folder is created if needed.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        # mkstemp (and save_file, which recreates the file) leave it 0600; give it the
-        # permissions an ordinary write would. After save_file, or the mode is lost.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path

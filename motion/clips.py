@@ -288,9 +288,9 @@ def write_video(path: PathLike, frames, fps: float) -> str:
     # mp4v/MJPG store even sizes only (OpenCV would crop the last row/column): pad by edge
     # replication instead, so an odd-sized clip reads back one pixel larger, never smaller.
     ph, pw = h + (h % 2), w + (w % 2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=p.suffix, dir=str(p.parent))
-    os.close(fd)
-    try:
+    from merging.fileformat import atomic_path
+
+    with atomic_path(p, suffix=p.suffix) as tmp:
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*_WRITE_CODECS[suffix]), float(fps), (pw, ph))
         if not writer.isOpened():
             raise ClipError(f"{p}: OpenCV could not open a '{_WRITE_CODECS[suffix]}' video writer")
@@ -301,13 +301,8 @@ def write_video(path: PathLike, frames, fps: float) -> str:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         finally:
             writer.release()
-        if os.path.getsize(tmp) == 0:
+        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
             raise ClipError(f"{p}: the video writer produced an empty file")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return str(p)
 
 

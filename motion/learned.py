@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -241,7 +240,7 @@ def save_estimator(
     if config is not None and config.to_dict() != net.config.to_dict():
         raise ValueError("save_estimator: config differs from the network's own config")
     extra = metadata
-    from merging.fileformat import save_safetensors_atomic
+    from merging.fileformat import atomic_path, save_safetensors_atomic
 
     p = Path(path)
     if p.suffix != ".safetensors":
@@ -260,10 +259,8 @@ def save_estimator(
     side = p.with_suffix(".json")
     side_doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": net.config.to_dict(),
                 "num_parameters": net.num_parameters(), "weights": p.name, **({"extra": extra} if extra else {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{side.stem}.", suffix=".json.tmp", dir=str(p.parent))
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(side) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(side_doc, f, indent=2)
-    os.replace(tmp, side)
     return str(p)
 
 

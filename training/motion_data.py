@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -206,21 +205,11 @@ def estimator_id(estimator: Any) -> str:
 
 
 def _save_cache(path: str, scores: np.ndarray, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from merging.fileformat import save_safetensors_atomic
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({"scores": torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))}, tmp,
-                  metadata={"format": SCORE_CACHE_FORMAT, "format_version": str(SCORE_CACHE_VERSION),
-                            "meta": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic({"scores": torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))}, path,
+                            {"format": SCORE_CACHE_FORMAT, "format_version": str(SCORE_CACHE_VERSION),
+                             "meta": json.dumps(meta, sort_keys=True)})
 
 
 def _load_cache(path: str) -> tuple[np.ndarray, dict[str, Any]]:
