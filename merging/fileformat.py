@@ -74,10 +74,12 @@ def read_metadata(
     return meta
 
 
-def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> str:
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str],
+                            *, fsync: bool = False) -> str:
     """Write ``tensors`` with string ``metadata`` to ``path`` via a temporary file in the same
     folder and ``os.replace``, so an interrupted write never leaves a half-written file.
-    Creates the folder if needed; returns ``path`` as a string.
+    Creates the folder if needed; returns ``path`` as a string. ``fsync`` flushes the data to
+    disk before the rename (checkpoints: a power cut then leaves the old file or the new one).
     """
     from safetensors.torch import save_file
 
@@ -89,6 +91,9 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
         mode = os.stat(tmp).st_mode & 0o777
         save_file(dict(tensors), tmp, metadata=dict(metadata))
         os.chmod(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
     return path
 
 

@@ -121,6 +121,15 @@ run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.01, grad_accum=2, checkpoi
 '''
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (fixed ports collide with a parallel run of the suite)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_processes_on_cpu_resume_equals_uninterrupted(tmp_path):
     """torchrun with 2 CPU processes (gloo DDP): a run stopped at step 3 and resumed ends like one in one go."""
@@ -134,11 +143,11 @@ def test_two_processes_on_cpu_resume_equals_uninterrupted(tmp_path):
                                  str(steps)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
 
-    ref, part = launch(tmp_path / "ref", 6, 29517), launch(tmp_path / "res", 3, 29518)
+    ref, part = launch(tmp_path / "ref", 6, _free_port()), launch(tmp_path / "res", 3, _free_port())
     for p in (ref, part):
         text, _ = p.communicate(timeout=180)
         assert p.returncode == 0, text
-    p = launch(tmp_path / "res", 6, 29519)
+    p = launch(tmp_path / "res", 6, _free_port())
     text, _ = p.communicate(timeout=180)
     assert p.returncode == 0, text
     a = load_file(str(tmp_path / "ref" / "final.safetensors"))

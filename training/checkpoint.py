@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from merging.fileformat import atomic_path, save_safetensors_atomic
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 FORMAT = "motiondial.train_checkpoint"
 VERSION = 1
@@ -75,38 +77,17 @@ def _umask_mode() -> int:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_save_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` to a temporary name, then ``os.replace`` onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _fsync_file(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``safetensors.torch.save_file`` to a temporary name, flushed to disk, then ``os.replace`` onto ``path``."""
+    save_safetensors_atomic({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
+                            metadata or {}, fsync=True)
 
 
 # ----------------------------------------------------------------------------------------------

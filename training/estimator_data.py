@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -229,21 +228,12 @@ def pseudo_labels(
 
 
 def _rewrite(path: str, entries: Sequence[dict]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e) + "\n" for e in entries)
-            f.flush()
-            os.fsync(f.fileno())
-        from training.checkpoint import _umask_mode
+    from merging.fileformat import atomic_path
 
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
