@@ -200,6 +200,32 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {k: float(v) for k, v in logs.items()}
 
 
+# accelerate's distributed types whose model or optimizer state is sharded across processes.
+_SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_supported_distribution(distributed_type: Any) -> None:
+    """Refuse sharded data parallelism (FSDP, DeepSpeed, Megatron-LM) with a clear error.
+
+    The runner reads parameters, buffers and optimizer state from the unwrapped model on the main
+    process only, and runs ``eval_fn`` there alone. That is right for one process and for DDP
+    (every process holds full replicas) but not when the state is sharded: the main process would
+    save only its own shards (wrong checkpoints and final weights), and a forward pass on it alone
+    would wait forever for the other ranks' all-gathers. Until the runner gathers the state with a
+    collective call on every rank, such runs are refused before anything is loaded or written.
+
+    ``distributed_type``: ``accelerator.distributed_type`` (an ``accelerate.DistributedType``, a
+    ``str`` enum) or its name.
+    """
+    name = getattr(distributed_type, "value", distributed_type)
+    if str(name).upper() in _SHARDED_TYPES:
+        raise NotImplementedError(
+            f"the MotionDial training runner does not support accelerate distributed_type {name}: model and "
+            "optimizer state are sharded across processes, and the runner reads them on the main process only, "
+            "so checkpoints, resume, evaluation and the final weights would be wrong or hang. Use one process or "
+            "DDP (accelerate launch --multi_gpu); see docs/training.md (\"Sharded training (FSDP)\").")
+
+
 def _state_tensors(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Trainable parameters plus persistent buffers (e.g. batch-norm statistics)."""
     sd = model.state_dict()
@@ -248,6 +274,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     cfg.validate()
     if accelerator is None:
         accelerator = _make_accelerator(Accelerator, cfg.mixed_precision)
+    check_supported_distribution(getattr(accelerator, "distributed_type", "NO"))
     main = accelerator.is_main_process
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     if main:
@@ -526,4 +553,5 @@ def _load_model_state(model: nn.Module, trainable: Mapping[str, nn.Parameter], t
             own[k].copy_(v)
 
 
-__all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "run", "step_seed", "list_checkpoints"]
+__all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "check_supported_distribution", "run", "step_seed",
+           "list_checkpoints"]

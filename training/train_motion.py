@@ -1,7 +1,7 @@
 """Fine-tune an I2V model to follow object / camera motion scores (MotionStone's generator side).
 
     python -m training.train_motion --model DIR --data DATA --out OUT [options]
-    accelerate launch [--config_file configs/accelerate_fsdp_cogvideox5b.yaml] -m training.train_motion ...
+    accelerate launch --multi_gpu -m training.train_motion ...   (DDP; FSDP is refused, see docs/training.md)
 
 Scores of every clip come from a frozen estimator (``--estimator flow`` or a learned estimator
 file) and are cached in ``OUT/score_cache.safetensors``. The loss is the family's own diffusion
@@ -301,7 +301,7 @@ def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     """Run the whole training (see the module docs). Returns ``training.runner.TrainResult``."""
     from accelerate import PartialState
 
-    from training.runner import run
+    from training.runner import check_supported_distribution, run
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"--mixed-precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
@@ -309,6 +309,8 @@ def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     # the Accelerator itself (it knows how to replace one of another precision in a process that
     # trains several times, e.g. ComfyUI or the tests).
     state = PartialState()
+    # Refuse FSDP / DeepSpeed before loading a 5B model onto every GPU (the runner would refuse later).
+    check_supported_distribution(state.distributed_type)
     if state.is_main_process:
         os.makedirs(cfg.out, exist_ok=True)
     task, rcfg, _ = build_task(cfg, accelerator=state, log=log)
@@ -368,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         result = train_motion(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
