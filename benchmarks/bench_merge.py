@@ -12,7 +12,8 @@ each in a fresh subprocess so that its peak RSS (``VmHWM``) is its own:
 
 Prints wall time and peak RSS of each, and the ratios (b)/(a) and (b)/(c). Targets:
 (b) <= 1.5 x (a) in wall time, (b) peak RSS <= 1.5 GB. Files go to a temporary folder (``--dir``,
-default under /tmp) that is deleted at the end. One torch thread everywhere (shared machine).
+default under /tmp) that is deleted at the end. Every job runs with the same number of torch
+threads, by default the count `python -m merging.build` uses (`--threads 1` on a shared machine).
 
     python benchmarks/bench_merge.py [--blocks 8] [--dir /tmp] [--skip-naive]
 
@@ -162,10 +163,10 @@ def job_naive(base: str, ft: str, out: str) -> None:
 JOBS = {"floor": job_floor, "stream": job_stream, "naive": job_naive}
 
 
-def _child(job: str, base: str, ft: str, out: str) -> None:
+def _child(job: str, base: str, ft: str, out: str, threads: str = "1") -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
     JOBS[job](base, ft, out)
     wall = time.perf_counter() - t0
@@ -177,8 +178,8 @@ def _child(job: str, base: str, ft: str, out: str) -> None:
     print(json.dumps({"job": job, "wall_s": wall, "peak_rss": hwm}))
 
 
-def run_job(job: str, base: str, ft: str, out: str) -> dict:
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", job, base, ft, out],
+def run_job(job: str, base: str, ft: str, out: str, threads: int) -> dict:
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", job, base, ft, out, str(threads)],
                        capture_output=True, text=True, cwd=ROOT)
     shutil.rmtree(out, ignore_errors=True)
     if r.returncode != 0:
@@ -188,22 +189,25 @@ def run_job(job: str, base: str, ft: str, out: str) -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=8, help="transformer blocks (8 -> 2.1 GB per checkpoint)")
     ap.add_argument("--dir", default=None, help="where to put the temporary files (default: system temp)")
     ap.add_argument("--skip-naive", action="store_true", help="skip (c) (it needs ~10 GB of RAM)")
+    ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                    help="torch threads for every job (default: what `python -m merging.build` uses, "
+                         "min(4, cores); use 1 on a shared machine)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench_merge-", dir=args.dir)
     try:
         t0 = time.perf_counter()
         base, ft, size = make_pair(work, args.blocks)
         print(f"synthetic pair: 2 x {size / 1e9:.2f} GB bf16 ({args.blocks} CogVideoX-5B blocks, 2 shards each), "
-              f"made in {time.perf_counter() - t0:.0f} s")
+              f"made in {time.perf_counter() - t0:.0f} s; {args.threads} torch thread(s) per job")
         results = {}
         for job in ("floor", "stream") + (() if args.skip_naive else ("naive",)):
-            results[job] = r = run_job(job, base, ft, os.path.join(work, f"out-{job}"))
+            results[job] = r = run_job(job, base, ft, os.path.join(work, f"out-{job}"), args.threads)
             if "error" in r:
                 print(f"({job}) FAILED: {r['error']}")
             else:
