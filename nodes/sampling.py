@@ -30,11 +30,13 @@ class I2VSampler(io.ComfyNode):
                                 tooltip="What happens in the video. SVD ignores text."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="What to avoid (classifier-free guidance's negative text). SVD ignores it."),
-                io.Int.Input("frames", default=49, min=2, max=256, step=1,
-                             tooltip="Number of frames to generate (CogVideoX: 4k+1, e.g. 49; SVD-XT: 25)."),
-                io.Int.Input("steps", default=50, min=1, max=1000, step=1,
+                # Bounds mirror pipelines.sample's checks (frames per family are checked there).
+                io.Int.Input("frames", default=49, min=2, max=161, step=1,
+                             tooltip="Number of frames to generate (CogVideoX: 8k+1, e.g. 49 or 81, up to 161; "
+                                     "SVD: 2..128, SVD-XT is trained for 25)."),
+                io.Int.Input("steps", default=50, min=1, max=500, step=1,
                              tooltip="Denoising steps. More is slower and usually cleaner."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (CogVideoX ~6, SVD ~3). 1 = no guidance "
                                        "(faster)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,

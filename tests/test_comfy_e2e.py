@@ -196,13 +196,14 @@ def test_interrupt_mid_sampling_then_the_model_still_works(server):
     prompt = _fast(h.load_workflow("motiondial_i2v_dials", api=True))
     server.run(prompt)  # loaders cached: the next prompt spends its time in the sampler
     slow = json.loads(json.dumps(prompt))
-    slow["4"]["inputs"].update(steps=500, frames=49, seed=7)
+    # As slow as the widgets allow, so the interrupt lands mid-sampling even on a fast machine.
+    slow["4"]["inputs"].update(steps=500, frames=161, seed=7)
     pid = server.submit(slow)
     deadline = time.time() + 60
     while not _http(server.url + "/queue")[1]["queue_running"]:
         assert time.time() < deadline, "the prompt never started"
         time.sleep(0.1)
-    time.sleep(1.5)
+    time.sleep(0.5)
     _http(server.url + "/interrupt", {})
     entry = server.wait(pid, timeout=120)
     kinds = {m[0]: m[1] for m in entry["status"]["messages"]}
