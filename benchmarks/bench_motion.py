@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 

@@ -1,5 +1,4 @@
 """The whole ED chain on a tiny SVD: train_adapter -> merging.build -> sample with the schedule and a prompt."""
-import os
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """The pack imports the way ComfyUI loads it, and without ComfyUI at all."""
-import importlib.util
 import os
 import subprocess
 import sys

@@ -90,7 +90,7 @@ def test_loss_falls_on_synthetic_clips(tiny_model_dir, data, tmp_path):
 def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, data, tmp_path):
     model = tiny_model_dir("cogvideox-i2v")
     kw = dict(trainable="lora", steps=6, checkpoint_every=2, lora_rank=4, batch=1)
-    full = train_motion(_cfg(model, data, tmp_path / "a", **kw))
+    train_motion(_cfg(model, data, tmp_path / "a", **kw))  # the uninterrupted reference run
 
     class Killed(Exception):
         pass

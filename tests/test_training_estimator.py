@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from training.estimator_data import (
     EstimatorDataError,
