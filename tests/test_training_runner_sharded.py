@@ -1,35 +1,285 @@
-"""The runner refuses sharded data parallelism (FSDP, DeepSpeed) instead of saving wrong checkpoints.
+"""The runner under FSDP2, really sharded: 2 CPU processes (gloo) launched by ``accelerate launch``
+with an FSDP config, against one process; SIGKILL mid-run and resume; what stays refused.
 
-FSDP itself cannot run on this CPU-only machine; these tests check that the refusal happens
-before anything is loaded, trained or written, and that one process / DDP still pass the check.
+accelerate itself only enables FSDP on GPUs; the runner switches a CPU launch with an FSDP config
+to FSDP (``training.sharded.enable_fsdp_on_cpu``), so these runs go through accelerate's own FSDP2
+preparation (``fully_shard`` per block, optimizer re-pointed at the DTensor shards), its
+``no_sync`` / ``clip_grad_norm_`` for FSDP2, and the runner's collective gather / broadcast of state.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 from torch import nn
 
 from training.runner import RunnerConfig, TrainTask, check_supported_distribution, run
+from training.sharded import ShardedState, meta_skeleton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+SCRIPT = r'''
+import os, sys, time
+import numpy as np, torch
+from torch import nn
+torch.set_num_threads(1)
+from training.runner import RunnerConfig, TrainTask, run
+from training.checkpoint import atomic_save_safetensors
+out, steps, delay, accum = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+    def forward(self, x):
+        return self.norm(x + torch.tanh(self.lin(x)))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)  # frozen: sharded too, but not trained nor checkpointed
+        self.blocks = nn.ModuleList([Block() for _ in range(3)])
+        self.head = nn.Linear(8, 1)
+        self.register_buffer("scale", torch.tensor([0.5]))
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h) * self.scale
+
+torch.manual_seed(0)
+model = Net()
+model.inp.requires_grad_(False)
+
+def batch_fn(ctx):
+    time.sleep(delay)  # slow enough for the parent to kill it mid-run
+    # The same samples whether they are split over processes or over micro-batches of one process.
+    g = ctx.micro * ctx.num_processes + ctx.process_index
+    r = np.random.default_rng([5, ctx.step, g])
+    x = torch.from_numpy(r.standard_normal((8, 4))).float()
+    return x, torch.sin(x.sum(1, keepdim=True))
+
+xe = torch.linspace(-1, 1, 24).reshape(6, 4)
+def eval_fn(m, step):
+    return {"mse": float(((m(xe) - torch.cos(xe.sum(1, keepdim=True))) ** 2).mean())}
+
+def save_fn(m, d):
+    p = os.path.join(d, "final.safetensors"); atomic_save_safetensors(p, m.state_dict()); return {"model": p}
+
+task = TrainTask(name="fsdp", model=model, batch_fn=batch_fn, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
+                 eval_fn=eval_fn, save_fn=save_fn)
+r = run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.02, grad_accum=accum, checkpoint_every=2, eval_every=3,
+                           weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", clip_grad_norm=0.5,
+                           progress=False, seed=5))
+print("STATUS", r.status, r.step, flush=True)
+'''
+
+FSDP2_CPU_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: false
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: Block
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_activation_checkpointing: false
+"""
 
 
-@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED, "FSDP", "fsdp"])
-def test_sharded_types_are_refused(kind) -> None:
-    with pytest.raises(NotImplementedError, match="sharded across processes"):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def _single(script, out, steps, accum):
+    return subprocess.Popen([sys.executable, str(script), str(out), str(steps), "0", str(accum)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _fsdp(config, script, out, steps, delay, accum):
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(script), str(out), str(steps), str(delay), str(accum)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill_all(proc) -> None:
+    """SIGKILL the launcher and its workers at once, as a crash of the machine would (torch's
+    launcher starts every worker in a session of its own, so killing its group is not enough)."""
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+
+
+def _finish(p, timeout=180) -> str:
+    text, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, text
+    return text
+
+
+def _wait_for_checkpoint(out, n, proc, timeout=120):
+    t0 = time.time()
+    ck = out / "checkpoints"
+    while time.time() - t0 < timeout:
+        if ck.is_dir() and any(name.startswith("step_") and int(name[5:]) >= n for name in os.listdir(ck)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _close(a: dict, b: dict, what: str, atol=2e-5) -> None:
+    assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=lambda m: f"{what} {k}: {m}")
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
+    """FSDP2 over 2 CPU processes (2 micro-batches each) = 1 process with 4 micro-batches: final
+    weights, checkpoints (model + optimizer state, full tensors) and evaluations. A sharded run
+    SIGKILLed mid-run and launched again resumes and ends bit-identical to the uninterrupted one."""
+    script, config = tmp_path / "train.py", tmp_path / "fsdp2_cpu.yaml"
+    script.write_text(SCRIPT)
+    config.write_text(FSDP2_CPU_CONFIG)
+    steps = 8
+    one = _single(script, tmp_path / "one", steps, 4)
+    ref = _fsdp(config, script, tmp_path / "fsdp", steps, 0.0, 2)
+    killed = _fsdp(config, script, tmp_path / "killed", steps, 0.15, 2)
+    _wait_for_checkpoint(tmp_path / "killed", 4, killed)
+    time.sleep(0.1)  # somewhere inside a step (or a checkpoint write)
+    _kill_all(killed)
+    assert not (tmp_path / "killed" / "report.json").exists()
+    resumed = _fsdp(config, script, tmp_path / "killed", steps, 0.0, 2)
+    _finish(one)
+    _finish(ref)
+    text = _finish(resumed)
+    assert "resuming from" in text
+
+    # Sharded = one process: final weights (frozen layer included, untouched), checkpoints, evals.
+    final_one = load_file(str(tmp_path / "one" / "final.safetensors"))
+    final_fsdp = load_file(str(tmp_path / "fsdp" / "final.safetensors"))
+    _close(final_one, final_fsdp, "final")
+    torch.manual_seed(0)
+    init_inp = nn.Linear(4, 8)  # the script's first layer, built first from seed 0
+    assert torch.equal(final_fsdp["inp.weight"], init_inp.weight.detach())  # frozen: untouched
+    assert final_fsdp["blocks.0.lin.weight"].shape == (8, 8)  # full tensors, not shards
+    for name in ("model", "optimizer"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+        a = {k: v for k, v in a.items() if not k.startswith("rng.")}  # per-process RNG differs
+        b = {k: v for k, v in b.items() if not k.startswith("rng.")}
+        _close(a, b, name)
+    assert "inp.weight" not in b and any(k.endswith(".exp_avg_sq") for k in b)
+    sa = json.load(open(tmp_path / "one" / "checkpoints" / "step_00000006" / "state.json"))
+    sb = json.load(open(tmp_path / "fsdp" / "checkpoints" / "step_00000006" / "state.json"))
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    assert sa["scheduler"] == sb["scheduler"]
+    ra = json.load(open(tmp_path / "one" / "report.json"))
+    rb = json.load(open(tmp_path / "fsdp" / "report.json"))
+    assert rb["config"]["num_processes"] == 2 and rb["status"] == "completed"
+    assert [e["step"] for e in rb["eval_history"]] == [3, 6, 8]
+    for ea, eb in zip(ra["eval_history"], rb["eval_history"]):
+        assert eb["mse"] == pytest.approx(ea["mse"], rel=1e-4)
+    for la, lb in zip(ra["losses"], rb["losses"]):
+        assert lb["loss"] == pytest.approx(la["loss"], rel=1e-4)
+        assert lb["grad_norm"] == pytest.approx(la["grad_norm"], rel=1e-4)
+    assert max(e["grad_norm"] for e in rb["losses"]) > 0.5  # clipping was active
+
+    # SIGKILL + resume = uninterrupted, bit for bit (same world size, same machine).
+    final_res = load_file(str(tmp_path / "killed" / "final.safetensors"))
+    assert final_res.keys() == final_fsdp.keys()
+    for k in final_res:
+        assert torch.equal(final_res[k], final_fsdp[k]), k
+    rep = json.load(open(tmp_path / "killed" / "report.json"))
+    assert rep["status"] == "completed" and rep["steps_done"] == steps
+    assert rep["sessions"][0]["started_at_step"] >= 4 and rep["sessions"][0]["resumed_from"]
+
+
+def test_meta_skeleton_copies_structure_not_memory() -> None:
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+            self.register_buffer("keep", torch.ones(2))
+            self.register_buffer("tmp", torch.arange(2.0), persistent=False)
+
+    m = Tied()
+    m.a.bias.requires_grad_(False)
+    sk = meta_skeleton(m)
+    assert sk is not m and sk.a is not m.a
+    assert all(p.is_meta for p in sk.parameters()) and sk.b.weight is sk.a.weight
+    assert sk.keep.is_meta and sk.tmp is m.tmp  # non-persistent buffers are shared, not in state dicts
+    assert not sk.a.bias.requires_grad and sk.a.weight.requires_grad
+    assert all(not p.is_meta for p in m.parameters())  # the original is untouched
+    full = {k: torch.full_like(v, 2.0) for k, v in m.state_dict().items()}
+    st = ShardedState(m, torch.optim.AdamW([m.a.weight]), {"a.weight": m.a.weight})
+    got = st.full_model(full)
+    assert torch.equal(got.a.weight, torch.full((3, 3), 2.0)) and torch.equal(got.b.weight, got.a.weight)
+    assert torch.equal(got.keep, torch.full((2,), 2.0)) and torch.equal(m.a.weight, m.b.weight)
+    # What a one-process checkpoint holds: trainable parameters and persistent buffers (and, as
+    # there, the second name of a tied parameter).
+    assert st.shapes == {"a.weight": (3, 3), "b.weight": (3, 3), "keep": (2,)}
+
+
+def test_sharded_state_check_names_what_does_not_fit() -> None:
+    m = nn.Linear(2, 2)
+    st = ShardedState(m, torch.optim.AdamW(m.parameters()), dict(m.named_parameters()))
+    good = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
+    groups = [{"params": [0, 1], "lr": 1e-3}]
+    assert st.check(good, {"state": {}, "param_groups": groups}, "ck") is None
+    assert "missing ['bias']" in st.check({"weight": torch.zeros(2, 2)}, {"param_groups": groups}, "ck")
+    assert "has shape (3, 2)" in st.check({**good, "weight": torch.zeros(3, 2)}, {"param_groups": groups}, "ck")
+    assert "1 parameters in its groups" in st.check(good, {"state": {}, "param_groups": [{"params": [0]}]}, "ck")
+    assert "beyond 2" in st.check(good, {"state": {5: {}}, "param_groups": groups}, "ck")
+
+
+@pytest.mark.parametrize("kind", [DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, "DEEPSPEED", "deepspeed"])
+def test_deepspeed_and_megatron_are_refused(kind) -> None:
+    with pytest.raises(NotImplementedError, match="owns the optimizer"):
         check_supported_distribution(kind)
 
 
-@pytest.mark.parametrize("kind", [DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, "NO"])
-def test_replicated_types_pass(kind) -> None:
-    check_supported_distribution(kind)  # no error: every process holds full replicas
+@pytest.mark.parametrize("kind", [DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+                                  DistributedType.FSDP, "FSDP", "NO"])
+def test_replicated_and_fsdp_types_pass(kind) -> None:
+    check_supported_distribution(kind)
 
 
-class _FakeFSDPAccelerator:
-    """Looks like an accelerate Accelerator launched with an FSDP config (rank 1 of 2)."""
+class _FakeDeepSpeedAccelerator:
+    """Looks like an accelerate Accelerator launched with a DeepSpeed config (rank 1 of 2)."""
 
-    distributed_type = DistributedType.FSDP
+    distributed_type = DistributedType.DEEPSPEED
     is_main_process = False
     num_processes = 2
     process_index = 1
@@ -38,63 +288,22 @@ class _FakeFSDPAccelerator:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __getattr__(self, name):  # any other use (prepare, get_state_dict, barrier...) is recorded
+    def __getattr__(self, name):  # any other use (prepare, barrier...) is recorded
         def record(*args, **kwargs):
             self.calls.append(name)
-            raise AssertionError(f"runner used accelerator.{name} before refusing FSDP")
+            raise AssertionError(f"runner used accelerator.{name} before refusing DeepSpeed")
         return record
 
 
-@pytest.mark.parametrize("main", [True, False])
-def test_run_refuses_fsdp_before_touching_anything(tmp_path, main: bool) -> None:
+def test_run_refuses_deepspeed_before_touching_anything(tmp_path) -> None:
     model = nn.Linear(2, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches: list[int] = []
     task = TrainTask(name="t", model=model, batch_fn=lambda ctx: batches.append(ctx.step),
                      loss_fn=lambda m, b: m(torch.ones(1, 2)).sum())
-    acc = _FakeFSDPAccelerator()
-    acc.is_main_process = main
+    acc = _FakeDeepSpeedAccelerator()
     out = tmp_path / "run"
-    with pytest.raises(NotImplementedError, match="FSDP"):
+    with pytest.raises(NotImplementedError, match="DEEPSPEED"):
         run(task, RunnerConfig(out_dir=str(out), steps=2, progress=False), accelerator=acc)
-    # Refused on every rank before any collective call, any batch, any file and any weight change.
-    assert acc.calls == [] and batches == []
-    assert not os.path.exists(out)
+    assert acc.calls == [] and batches == [] and not os.path.exists(out)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.requires_grad for p in model.parameters())
-
-
-def test_train_motion_refuses_fsdp_before_loading(tmp_path, monkeypatch) -> None:
-    import accelerate
-
-    from training.train_motion import MotionTrainConfig, train_motion
-
-    class _FSDPState:
-        distributed_type = DistributedType.FSDP
-        is_main_process = True
-
-    monkeypatch.setattr(accelerate, "PartialState", _FSDPState)
-    out = tmp_path / "out"
-    # The model and data paths do not exist: the refusal must come before they are read.
-    cfg = MotionTrainConfig(model=str(tmp_path / "no_model"), data=str(tmp_path / "no_data.jsonl"), out=str(out),
-                            trainable="full")
-    with pytest.raises(NotImplementedError, match="FSDP"):
-        train_motion(cfg, log=lambda s: None)
-    assert not os.path.exists(out)
-
-
-def test_train_motion_cli_reports_fsdp_refusal(tmp_path, monkeypatch, capsys) -> None:
-    import accelerate
-
-    from training.train_motion import main
-
-    class _FSDPState:
-        distributed_type = DistributedType.FSDP
-        is_main_process = True
-
-    monkeypatch.setattr(accelerate, "PartialState", _FSDPState)
-    rc = main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-               "--trainable", "full", "--no-progress"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "FSDP" in err and "docs/training.md" in err

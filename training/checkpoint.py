@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merging.fileformat import atomic_path, save_safetensors_atomic
@@ -237,8 +238,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Read one checkpoint folder; raises ``CheckpointError`` naming the file that is wrong."""
+def load_checkpoint(path: str, tensors: bool = True) -> Checkpoint:
+    """Read one checkpoint folder; raises ``CheckpointError`` naming the file that is wrong.
+
+    ``tensors=False`` reads only ``state.json`` and the RNG tensors (``rng.*`` of
+    ``optimizer.safetensors``): what a process needs when another one loads the model and
+    optimizer tensors and broadcasts them (sharded training)."""
     state_path = os.path.join(path, "state.json")
     try:
         with open(state_path, encoding="utf-8") as f:
@@ -247,15 +252,18 @@ def load_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"{state_path}: cannot read checkpoint state ({e})") from e
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{state_path}: not a MotionDial training checkpoint (format {state.get('format')!r})")
-    tensors = {}
-    for name in ("model", "optimizer"):
+    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}}
+    for name in ("model", "optimizer") if tensors else ("optimizer",):
         p = os.path.join(path, f"{name}.safetensors")
         try:
-            tensors[name] = load_file(p)
+            if tensors:
+                out[name] = load_file(p)
+            else:
+                with safe_open(p, framework="pt") as f:
+                    out[name] = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}
         except Exception as e:  # safetensors raises several types for truncated/corrupt files
             raise CheckpointError(f"{p}: cannot read checkpoint tensors ({e})") from e
-    return Checkpoint(path=path, step=int(state["step"]), model=tensors["model"], optimizer=tensors["optimizer"],
-                      state=state)
+    return Checkpoint(path=path, step=int(state["step"]), model=out["model"], optimizer=out["optimizer"], state=state)
 
 
 def load_latest(root: str, warn=print) -> Checkpoint | None:

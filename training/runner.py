@@ -4,7 +4,9 @@ A trainer describes *what* to train with a :class:`TrainTask` (model, which para
 to draw a batch for a step, the loss, evaluation, how to save the result); :func:`run` does the
 rest: accelerate (CPU with plain ``python -m``, several GPUs under ``accelerate launch``), mixed
 precision, gradient accumulation and clipping, AdamW with warm-up and a decay schedule, a tqdm
-bar, periodic evaluation, atomic checkpoints, resume, Ctrl-C, and a JSON report.
+bar, periodic evaluation, atomic checkpoints, resume, Ctrl-C, and a JSON report. Under FSDP
+(``accelerate launch`` with an FSDP config) the model and optimizer state are sharded across the
+processes; checkpoints and final files still hold full tensors (``training.sharded``).
 
 Determinism: the batch of step ``s`` (micro-batch ``m``, process ``r``) is drawn from
 ``StepContext.rng``, a generator seeded by ``(seed, s, m, r)``, and torch's global RNG is re-seeded
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import (
+    Checkpoint,
     CheckpointError,
     atomic_write_json,
     capture_rng,
@@ -39,6 +42,7 @@ from training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from training.sharded import UNSUPPORTED_TYPES, ShardedState, distributed_name, enable_fsdp_on_cpu, is_sharded
 
 REPORT_FORMAT = "motiondial.train_report"
 # Settings that may change between a run and its resumption (they do not change the trajectory).
@@ -82,9 +86,14 @@ class TrainTask:
         trainable: which parameters train: ``None`` = those with ``requires_grad``, a list of
             names, or a predicate ``(name, param) -> bool``; the others get ``requires_grad=False``.
         eval_fn: ``(model, step) -> dict[str, float]``, run on the main process, in ``eval()`` mode
-            under ``torch.no_grad()``, every ``eval_every`` steps and at the end.
+            under ``torch.no_grad()``, every ``eval_every`` steps and at the end. Under FSDP it
+            runs on *every* process with the sharded model (its forward passes gather the
+            parameters collectively, so every process must make the same calls; parameters read
+            directly are local shards); the main process's metrics are recorded.
         save_fn: ``(model, out_dir) -> dict[str, str]`` (name -> file written), called once on the
-            main process when training completes; writes the final artefacts (atomically).
+            main process when training completes; writes the final artefacts (atomically). Under
+            FSDP ``model`` is an unsharded copy of the module tree holding the full trained
+            tensors on the CPU (for reading weights, not for forward passes).
         config: JSON-able settings of the trainer that shape the trajectory (data, loss weights...):
             recorded in checkpoints and the report; a resume with a different config is refused.
         param_groups: optional ``(named_trainable: dict[str, Parameter]) -> list[dict]`` to give
@@ -200,30 +209,21 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {k: float(v) for k, v in logs.items()}
 
 
-# accelerate's distributed types whose model or optimizer state is sharded across processes.
-_SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
 def check_supported_distribution(distributed_type: Any) -> None:
-    """Refuse sharded data parallelism (FSDP, DeepSpeed, Megatron-LM) with a clear error.
+    """Refuse DeepSpeed and Megatron-LM with a clear error (one process, DDP and FSDP are supported).
 
-    The runner reads parameters, buffers and optimizer state from the unwrapped model on the main
-    process only, and runs ``eval_fn`` there alone. That is right for one process and for DDP
-    (every process holds full replicas) but not when the state is sharded: the main process would
-    save only its own shards (wrong checkpoints and final weights), and a forward pass on it alone
-    would wait forever for the other ranks' all-gathers. Until the runner gathers the state with a
-    collective call on every rank, such runs are refused before anything is loaded or written.
-
-    ``distributed_type``: ``accelerator.distributed_type`` (an ``accelerate.DistributedType``, a
-    ``str`` enum) or its name.
+    Their engines own the optimizer, its state and gradient clipping; the runner builds and
+    checkpoints the optimizer itself (AdamW, state as full safetensors) and would save wrong
+    state or hang. ``distributed_type``: ``accelerator.distributed_type`` (an
+    ``accelerate.DistributedType``, a ``str`` enum) or its name.
     """
-    name = getattr(distributed_type, "value", distributed_type)
-    if str(name).upper() in _SHARDED_TYPES:
+    name = distributed_name(distributed_type)
+    if name in UNSUPPORTED_TYPES:
         raise NotImplementedError(
-            f"the MotionDial training runner does not support accelerate distributed_type {name}: model and "
-            "optimizer state are sharded across processes, and the runner reads them on the main process only, "
-            "so checkpoints, resume, evaluation and the final weights would be wrong or hang. Use one process or "
-            "DDP (accelerate launch --multi_gpu); see docs/training.md (\"Sharded training (FSDP)\").")
+            f"the MotionDial training runner does not support accelerate distributed_type {name}: its engine owns "
+            "the optimizer and shards its state, which the runner builds, checkpoints and resumes itself. Use one "
+            "process, DDP (accelerate launch --multi_gpu) or FSDP (configs/accelerate_fsdp_cogvideox5b.yaml); see "
+            "docs/training.md (\"Sharded training (FSDP)\").")
 
 
 def _state_tensors(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -275,6 +275,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     if accelerator is None:
         accelerator = _make_accelerator(Accelerator, cfg.mixed_precision)
     check_supported_distribution(getattr(accelerator, "distributed_type", "NO"))
+    sharded = is_sharded(accelerator)
     main = accelerator.is_main_process
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     if main:
@@ -287,6 +288,8 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     groups = task.param_groups(trainable) if task.param_groups else [{"params": list(trainable.values())}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
+    # Sharding replaces the parameters: record names, order and the module tree first.
+    shard_state = ShardedState(model, optimizer, trainable) if sharded else None
 
     run_config = {"runner": _jsonable_cfg(cfg), "task": {"name": task.name, **dict(task.config)},
                   "num_processes": accelerator.num_processes, "trainable_parameters": sum(p.numel() for p in trainable.values())}
@@ -301,22 +304,26 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
 
             shutil.rmtree(ckpt_root)
     else:
-        ckpt = None
-        if cfg.resume == "auto":
-            ckpt = load_latest(ckpt_root, warn=log if main else (lambda s: None))
-        elif os.path.isdir(cfg.resume):
-            ckpt = load_checkpoint(cfg.resume)
-        else:
+        if cfg.resume not in ("auto",) and not os.path.isdir(cfg.resume):
             raise ValueError(f"resume must be 'auto', 'fresh' or a checkpoint folder; {cfg.resume!r} is none of them")
+        ckpt = None
+        sharded_resume = None
+        if sharded:
+            ckpt, sharded_resume = _read_checkpoint_sharded(accelerator, cfg.resume, ckpt_root, shard_state, log)
+        elif cfg.resume == "auto":
+            ckpt = load_latest(ckpt_root, warn=log if main else (lambda s: None))
+        else:
+            ckpt = load_checkpoint(cfg.resume)
         if ckpt is not None:
             _check_same_run(ckpt.state.get("config", {}), run_config, ckpt.path)
-            _load_model_state(model, trainable, ckpt.model, ckpt.path)
-            opt_tensors = {k: v for k, v in ckpt.optimizer.items() if k.startswith("state.")}
-            try:
-                optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, ckpt.state["optimizer"]))
-                scheduler.load_state_dict(ckpt.state["scheduler"])
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{ckpt.path}: optimizer state does not fit this model ({e})") from e
+            if not sharded:  # sharded: loaded into the shards after accelerator.prepare
+                _load_model_state(model, trainable, ckpt.model, ckpt.path)
+                opt_tensors = {k: v for k, v in ckpt.optimizer.items() if k.startswith("state.")}
+                try:
+                    optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, ckpt.state["optimizer"]))
+                    scheduler.load_state_dict(ckpt.state["scheduler"])
+                except (KeyError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{ckpt.path}: optimizer state does not fit this model ({e})") from e
             restore_rng(ckpt.optimizer, ckpt.state.get("rng", {}))
             history = ckpt.state.get("history", history)
             start = ckpt.step
@@ -326,6 +333,17 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> torch.optim
+    if sharded and resumed_from is not None:
+        opt_dict, has_opt_state = sharded_resume
+        shard_state.load(model, torch_optimizer, ckpt.model if main else None, opt_dict, with_optimizer_state=has_opt_state)
+        try:
+            scheduler.load_state_dict(ckpt.state["scheduler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}: scheduler state does not fit this run ({e})") from e
+    # FSDP clips through the sharded module's own parameters (its norm is a collective over shards);
+    # frozen parameters have no gradient and do not count.
+    clip_params = list(model.parameters()) if sharded else list(trainable.values())
     session = {"started_at_step": start, "resumed_from": resumed_from, "start_time": time.time()}
     t0 = time.perf_counter()
     elapsed_before = float(history.get("elapsed_s", 0.0))
@@ -333,8 +351,12 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     def checkpoint(step: int) -> str | None:
         accelerator.wait_for_everyone()
         path = None
+        if sharded:  # a collective call: every process takes part, the main one gets full tensors
+            model_tensors, opt_state = shard_state.gather(model, torch_optimizer)
         if main:
-            opt_tensors, opt_rest = optimizer_to_tensors(optimizer.state_dict())
+            if not sharded:
+                model_tensors, opt_state = _state_tensors(raw_model, trainable), optimizer.state_dict()
+            opt_tensors, opt_rest = optimizer_to_tensors(opt_state)
             rng_tensors, rng_rest = capture_rng()
             history["elapsed_s"] = elapsed_before + time.perf_counter() - t0
             state = {
@@ -344,8 +366,8 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
                 "rng": rng_rest,
                 "history": history,
             }
-            path = save_checkpoint(ckpt_root, step, _state_tensors(raw_model, trainable), {**opt_tensors, **rng_tensors},
-                                   state, keep=cfg.keep_checkpoints)
+            path = save_checkpoint(ckpt_root, step, model_tensors, {**opt_tensors, **rng_tensors}, state,
+                                   keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -353,14 +375,15 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
         if task.eval_fn is None:
             return
         accelerator.wait_for_everyone()
-        if main:
+        if main or sharded:  # sharded: forward passes gather parameters, every process must run them
             was_training = raw_model.training
             raw_model.eval()
             with torch.no_grad(), accelerator.autocast():
-                metrics = {k: float(v) for k, v in task.eval_fn(raw_model, step).items()}
+                metrics = {k: float(_local(v)) for k, v in task.eval_fn(raw_model, step).items()}
             raw_model.train(was_training)
-            history["evals"].append({"step": step, **metrics})
-            log(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if main:
+                history["evals"].append({"step": step, **metrics})
+                log(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         accelerator.wait_for_everyone()
 
     status, step, last_ckpt, buffers = "completed", start, None, None
@@ -393,7 +416,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
                         logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.grad_accum
                 grad_norm = None
                 if cfg.clip_grad_norm:
-                    grad_norm = float(accelerator.clip_grad_norm_(list(trainable.values()), cfg.clip_grad_norm))
+                    grad_norm = float(_local(accelerator.clip_grad_norm_(clip_params, cfg.clip_grad_norm)))
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -415,14 +438,22 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
                     evaluate(step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     last_ckpt = checkpoint(step)
-                if callback is not None and main:
-                    try:
-                        callback(step, cfg.steps, entry)
-                    except BaseException as e:
+                if callback is not None:
+                    stop = None
+                    if main:
+                        try:
+                            callback(step, cfg.steps, entry)
+                        except BaseException as e:
+                            stop = e
+                    # Every process must take part in the checkpoint (a barrier; under FSDP a gather).
+                    if _any_process(accelerator, stop is not None):
+                        name = type(stop).__name__ if stop is not None else "the main process's callback"
                         history["sessions"].append({**session, "ended_at_step": step, "wall_s": time.perf_counter() - t0,
-                                                    "status": f"stopped by callback ({type(e).__name__})"})
+                                                    "status": f"stopped by callback ({name})"})
                         last_ckpt = checkpoint(step)
-                        raise
+                        if stop is not None:
+                            raise stop
+                        raise RuntimeError(f"stopped at step {step}: the main process's callback raised")
     except KeyboardInterrupt:
         # Parameters are those of the last completed step: any partial micro-batch only touched grads.
         optimizer.zero_grad(set_to_none=True)
@@ -449,9 +480,13 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     files: dict[str, str] = {}
     report_path = None
     report: dict[str, Any] = {}
+    export_model = raw_model
+    if sharded and status == "completed" and task.save_fn is not None:
+        full = shard_state.full_model_state(model)  # collective; full tensors on the main process only
+        export_model = shard_state.full_model(full) if main else None
     if main:
         if status == "completed" and task.save_fn is not None:
-            files = dict(task.save_fn(raw_model, cfg.out_dir))
+            files = dict(task.save_fn(export_model, cfg.out_dir))
         losses = [e["loss"] for e in history["losses"]]
         report = {
             "format": REPORT_FORMAT,
@@ -476,6 +511,13 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     return TrainResult(status=status, step=step, report=report, report_path=report_path, checkpoint=last_ckpt)
 
 
+def multi_process_cpu() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without a GPU: accelerate then
+    needs ``cpu=True`` (``Accelerator`` / ``PartialState``) to set up gloo, or each process would
+    train alone. Trainers that make a ``PartialState`` before :func:`run` pass it this too."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _make_accelerator(cls, mixed_precision: str):
     """An ``Accelerator``; in a single process, a previous one with another precision is replaced.
 
@@ -489,10 +531,13 @@ def _make_accelerator(cls, mixed_precision: str):
             state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    # Several processes on a machine without a GPU (torchrun / accelerate launch on CPU): accelerate
-    # only sets up gloo DDP when told cpu=True, otherwise each process would train alone.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return cls(mixed_precision=mixed_precision, cpu=multi_cpu)
+    multi_cpu = multi_process_cpu()
+    accelerator = cls(mixed_precision=mixed_precision, cpu=multi_cpu)
+    if multi_cpu:
+        # accelerate launch with an FSDP config on CPU: accelerate would fall back to plain data
+        # parallelism; torch's FSDP runs on CPU (gloo), so honour the config (what the tests use).
+        enable_fsdp_on_cpu(accelerator, mixed_precision)
+    return accelerator
 
 
 class _nullcontext:
@@ -508,6 +553,43 @@ def _any_process(accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
     return bool(accelerator.reduce(t, "sum").item() > 0)
+
+
+def _local(x: Any) -> Any:
+    """A replicated DTensor (FSDP2's gradient norm, metrics of sharded models) as a plain tensor."""
+    full = getattr(x, "full_tensor", None)
+    return full() if callable(full) else x
+
+
+def _read_checkpoint_sharded(accelerator, resume: str, root: str, shard_state: ShardedState, log) -> tuple[Checkpoint | None, Any]:
+    """Under FSDP only the main process reads checkpoint tensors (it broadcasts them later); it
+    picks the checkpoint (falling back past damaged ones), checks that it fits, and tells the other
+    processes, which read only its JSON state and RNG. Returns ``(checkpoint, (optimizer state
+    dict on the main process or None, whether it has optimizer state))``; errors are raised on
+    every process alike."""
+    import torch.distributed as dist
+
+    main = accelerator.is_main_process
+    ckpt, opt_dict, msg = None, None, [None, None, False]  # path, error, has optimizer state
+    if main:
+        try:
+            ckpt = load_latest(root, warn=log) if resume == "auto" else load_checkpoint(resume)
+            if ckpt is not None:
+                opt_tensors = {k: v for k, v in ckpt.optimizer.items() if k.startswith("state.")}
+                opt_dict = optimizer_from_tensors(opt_tensors, ckpt.state["optimizer"])
+                msg = [ckpt.path, shard_state.check(ckpt.model, opt_dict, ckpt.path), bool(opt_dict["state"])]
+        except (CheckpointError, KeyError, ValueError) as e:
+            msg = [None, f"{e}" if isinstance(e, CheckpointError) else f"{resume}: cannot read checkpoint ({e})", False]
+    if accelerator.num_processes > 1:
+        dist.broadcast_object_list(msg, src=0)
+    path, error, has_opt_state = msg
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        return None, (None, False)
+    if not main:
+        ckpt = load_checkpoint(path, tensors=False)
+    return ckpt, (opt_dict, has_opt_state)
 
 
 def _jsonable_cfg(cfg: RunnerConfig) -> dict:
@@ -553,5 +635,5 @@ def _load_model_state(model: nn.Module, trainable: Mapping[str, nn.Parameter], t
             own[k].copy_(v)
 
 
-__all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "check_supported_distribution", "run", "step_seed",
-           "list_checkpoints"]
+__all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "check_supported_distribution", "multi_process_cpu",
+           "run", "step_seed", "list_checkpoints"]
