@@ -206,7 +206,8 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     assert sa["scheduler"] == sb["scheduler"]
     ra = json.load(open(tmp_path / "one" / "report.json"))
     rb = json.load(open(tmp_path / "fsdp" / "report.json"))
-    assert rb["config"]["num_processes"] == 2 and rb["status"] == "completed"
+    assert rb["config"]["num_processes"] == 2 and rb["status"] == "completed" and rb["distributed_type"] == "FSDP"
+    assert ra["distributed_type"] == "NO"
     assert [e["step"] for e in rb["eval_history"]] == [3, 6, 8]
     for ea, eb in zip(ra["eval_history"], rb["eval_history"]):
         assert eb["mse"] == pytest.approx(ea["mse"], rel=1e-4)

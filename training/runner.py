@@ -496,6 +496,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
             "config": run_config,
             "mixed_precision": cfg.mixed_precision,
             "device": str(accelerator.device),
+            "distributed_type": distributed_name(getattr(accelerator, "distributed_type", "NO")),
             "wall_time_s": round(history["elapsed_s"], 3),
             "final_loss": losses[-1] if losses else None,
             "final_eval": history["evals"][-1] if history["evals"] else None,

@@ -201,6 +201,7 @@ def enable_fsdp_on_cpu(accelerator: Any, mixed_precision: str) -> bool:
     """
     import os
 
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
@@ -212,6 +213,9 @@ def enable_fsdp_on_cpu(accelerator: Any, mixed_precision: str) -> bool:
         plugin.set_mixed_precision(mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
+    # Every later AcceleratorState() (made by accelerate's optimizer wrapper, among others) copies
+    # the process state's fields over its own: the process state must say FSDP too.
+    PartialState().distributed_type = DistributedType.FSDP
     return True
 
 

@@ -1,7 +1,9 @@
 """Fine-tune an I2V model to follow object / camera motion scores (MotionStone's generator side).
 
     python -m training.train_motion --model DIR --data DATA --out OUT [options]
-    accelerate launch --multi_gpu -m training.train_motion ...   (DDP; FSDP is refused, see docs/training.md)
+    accelerate launch --multi_gpu -m training.train_motion ...   (DDP: --trainable embedder / lora)
+    accelerate launch --config_file configs/accelerate_fsdp_cogvideox5b.yaml -m training.train_motion \
+        --trainable full ...                                        (FSDP2: full fine-tune of CogVideoX-5B)
 
 Scores of every clip come from a frozen estimator (``--estimator flow`` or a learned estimator
 file) and are cached in ``OUT/score_cache.safetensors``. The loss is the family's own diffusion
@@ -301,15 +303,15 @@ def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     """Run the whole training (see the module docs). Returns ``training.runner.TrainResult``."""
     from accelerate import PartialState
 
-    from training.runner import check_supported_distribution, run
+    from training.runner import check_supported_distribution, multi_process_cpu, run
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"--mixed-precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     # The process state (device, rank) is enough to load the model and data; the runner makes
     # the Accelerator itself (it knows how to replace one of another precision in a process that
     # trains several times, e.g. ComfyUI or the tests).
-    state = PartialState()
-    # Refuse FSDP / DeepSpeed before loading a 5B model onto every GPU (the runner would refuse later).
+    state = PartialState(cpu=multi_process_cpu())
+    # Refuse DeepSpeed before loading a 5B model onto every GPU (the runner would refuse later).
     check_supported_distribution(state.distributed_type)
     if state.is_main_process:
         os.makedirs(cfg.out, exist_ok=True)
