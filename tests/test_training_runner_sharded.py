@@ -308,3 +308,38 @@ def test_run_refuses_deepspeed_before_touching_anything(tmp_path) -> None:
         run(task, RunnerConfig(out_dir=str(out), steps=2, progress=False), accelerator=acc)
     assert acc.calls == [] and batches == [] and not os.path.exists(out)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fsdp1_is_refused_before_touching_anything(tmp_path) -> None:
+    class _Plugin:
+        fsdp_version = 1
+
+    acc = _FakeDeepSpeedAccelerator()
+    acc.distributed_type = DistributedType.FSDP
+    acc.state = type("S", (), {"fsdp_plugin": _Plugin()})()
+    model = nn.Linear(2, 2)
+    task = TrainTask(name="t", model=model, batch_fn=lambda ctx: None, loss_fn=lambda m, b: m(torch.ones(1, 2)).sum())
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
+        run(task, RunnerConfig(out_dir=str(tmp_path / "run"), steps=2, progress=False), accelerator=acc)
+    assert acc.calls == [] and not os.path.exists(tmp_path / "run")
+    check_supported_distribution(DistributedType.FSDP, 2)
+
+
+@pytest.mark.parametrize("version,refused", [("1", True), (None, True), ("2", False)])
+def test_train_motion_checks_the_fsdp_version_before_loading(tmp_path, monkeypatch, capsys, version, refused) -> None:
+    from training.train_motion import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)  # accelerate's default: FSDP1
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
+    out = tmp_path / "o"
+    rc = main(["--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
+               "--trainable", "full", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    if refused:  # before the (missing) model is read
+        assert "fsdp_version: 2" in err and "docs/training.md" in err and not os.path.exists(out)
+    else:
+        assert "fsdp_version" not in err and "no_model" in err  # FSDP2 passes; the model folder is what is missing

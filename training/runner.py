@@ -42,7 +42,14 @@ from training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from training.sharded import UNSUPPORTED_TYPES, ShardedState, distributed_name, enable_fsdp_on_cpu, is_sharded
+from training.sharded import (
+    UNSUPPORTED_TYPES,
+    ShardedState,
+    distributed_name,
+    enable_fsdp_on_cpu,
+    fsdp_version,
+    is_sharded,
+)
 
 REPORT_FORMAT = "motiondial.train_report"
 # Settings that may change between a run and its resumption (they do not change the trajectory).
@@ -209,21 +216,28 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {k: float(v) for k, v in logs.items()}
 
 
-def check_supported_distribution(distributed_type: Any) -> None:
-    """Refuse DeepSpeed and Megatron-LM with a clear error (one process, DDP and FSDP are supported).
+def check_supported_distribution(distributed_type: Any, fsdp_version: int | None = None) -> None:
+    """Refuse DeepSpeed, Megatron-LM and FSDP1 with a clear error (one process, DDP and FSDP2 are supported).
 
-    Their engines own the optimizer, its state and gradient clipping; the runner builds and
-    checkpoints the optimizer itself (AdamW, state as full safetensors) and would save wrong
-    state or hang. ``distributed_type``: ``accelerator.distributed_type`` (an
-    ``accelerate.DistributedType``, a ``str`` enum) or its name.
+    DeepSpeed's and Megatron-LM's engines own the optimizer, its state and gradient clipping; the
+    runner builds and checkpoints the optimizer itself (AdamW, state as full safetensors) and
+    would save wrong state or hang. FSDP1 (flat parameters) is untested: torch's FSDP1 crashes on
+    CPU, where the sharded path is tested. ``distributed_type``: ``accelerator.distributed_type``
+    (an ``accelerate.DistributedType``, a ``str`` enum) or its name; ``fsdp_version``: the FSDP
+    plugin's (``None``: not known yet).
     """
     name = distributed_name(distributed_type)
     if name in UNSUPPORTED_TYPES:
         raise NotImplementedError(
             f"the MotionDial training runner does not support accelerate distributed_type {name}: its engine owns "
             "the optimizer and shards its state, which the runner builds, checkpoints and resumes itself. Use one "
-            "process, DDP (accelerate launch --multi_gpu) or FSDP (configs/accelerate_fsdp_cogvideox5b.yaml); see "
+            "process, DDP (accelerate launch --multi_gpu) or FSDP2 (configs/accelerate_fsdp_cogvideox5b.yaml); see "
             "docs/training.md (\"Sharded training (FSDP)\").")
+    if name == "FSDP" and fsdp_version is not None and int(fsdp_version) != 2:
+        raise NotImplementedError(
+            f"the MotionDial training runner supports FSDP2 only (torch fully_shard), not fsdp_version {fsdp_version}: "
+            "set `fsdp_version: 2` in the accelerate config (see configs/accelerate_fsdp_cogvideox5b.yaml and "
+            "docs/training.md, \"Sharded training (FSDP)\").")
 
 
 def _state_tensors(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -274,7 +288,7 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     cfg.validate()
     if accelerator is None:
         accelerator = _make_accelerator(Accelerator, cfg.mixed_precision)
-    check_supported_distribution(getattr(accelerator, "distributed_type", "NO"))
+    check_supported_distribution(getattr(accelerator, "distributed_type", "NO"), fsdp_version(accelerator))
     sharded = is_sharded(accelerator)
     main = accelerator.is_main_process
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")

@@ -46,6 +46,25 @@ def is_sharded(accelerator: Any) -> bool:
     return distributed_name(getattr(accelerator, "distributed_type", "NO")) in SHARDED_TYPES
 
 
+def fsdp_version(accelerator: Any) -> int | None:
+    """The FSDP version (1 or 2) of an FSDP ``accelerator``'s plugin; ``None`` if not FSDP."""
+    if not is_sharded(accelerator):
+        return None
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def requested_fsdp_version() -> int | None:
+    """The FSDP version ``accelerate launch`` asked for (its environment), ``None`` if not FSDP.
+
+    For checks made before an ``Accelerator`` exists (accelerate's default is FSDP1)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, device="meta")
 
@@ -220,4 +239,4 @@ def enable_fsdp_on_cpu(accelerator: Any, mixed_precision: str) -> bool:
 
 
 __all__ = ["SHARDED_TYPES", "UNSUPPORTED_TYPES", "ShardedState", "distributed_name", "enable_fsdp_on_cpu",
-           "is_sharded", "meta_skeleton"]
+           "fsdp_version", "is_sharded", "meta_skeleton", "requested_fsdp_version"]

@@ -304,6 +304,7 @@ def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     from accelerate import PartialState
 
     from training.runner import check_supported_distribution, multi_process_cpu, run
+    from training.sharded import requested_fsdp_version
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"--mixed-precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
@@ -311,8 +312,10 @@ def train_motion(cfg: MotionTrainConfig, *, callback=None, log=print) -> Any:
     # the Accelerator itself (it knows how to replace one of another precision in a process that
     # trains several times, e.g. ComfyUI or the tests).
     state = PartialState(cpu=multi_process_cpu())
-    # Refuse DeepSpeed before loading a 5B model onto every GPU (the runner would refuse later).
-    check_supported_distribution(state.distributed_type)
+    # Refuse DeepSpeed / FSDP1 before loading a 5B model onto every GPU (the runner would refuse later).
+    # PartialState does not know about FSDP (the Accelerator decides): ask the launch environment.
+    requested = requested_fsdp_version()
+    check_supported_distribution("FSDP" if requested else state.distributed_type, requested)
     if state.is_main_process:
         os.makedirs(cfg.out, exist_ok=True)
     task, rcfg, _ = build_task(cfg, accelerator=state, log=log)
