@@ -75,11 +75,19 @@ def eval_fn(m, step):
 def save_fn(m, d):
     p = os.path.join(d, "final.safetensors"); atomic_save_safetensors(p, m.state_dict()); return {"model": p}
 
+class Stop(Exception):
+    pass
+
+stop_at = int(os.environ.get("STOP_AT", "0"))
+def callback(step, total, logs):  # called on the main process only, like a UI's progress hook
+    if step == stop_at:
+        raise Stop
+
 task = TrainTask(name="fsdp", model=model, batch_fn=batch_fn, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
                  eval_fn=eval_fn, save_fn=save_fn)
 r = run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.02, grad_accum=accum, checkpoint_every=2, eval_every=3,
                            weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", clip_grad_norm=0.5,
-                           progress=False, seed=5))
+                           progress=False, seed=5), callback=callback if stop_at else None)
 print("STATUS", r.status, r.step, flush=True)
 '''
 
@@ -119,11 +127,11 @@ def _single(script, out, steps, accum):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _fsdp(config, script, out, steps, delay, accum):
+def _fsdp(config, script, out, steps, delay, accum, env=None):
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(_free_port()), str(script), str(out), str(steps), str(delay), str(accum)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _kill_all(proc) -> None:
@@ -167,7 +175,8 @@ def _close(a: dict, b: dict, what: str, atol=2e-5) -> None:
 def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     """FSDP2 over 2 CPU processes (2 micro-batches each) = 1 process with 4 micro-batches: final
     weights, checkpoints (model + optimizer state, full tensors) and evaluations. A sharded run
-    SIGKILLed mid-run and launched again resumes and ends bit-identical to the uninterrupted one."""
+    SIGKILLed mid-run and launched again resumes and ends bit-identical to the uninterrupted one.
+    A callback raising on the main process stops every process after a common checkpoint."""
     script, config = tmp_path / "train.py", tmp_path / "fsdp2_cpu.yaml"
     script.write_text(SCRIPT)
     config.write_text(FSDP2_CPU_CONFIG)
@@ -180,6 +189,7 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     _kill_all(killed)
     assert not (tmp_path / "killed" / "report.json").exists()
     resumed = _fsdp(config, script, tmp_path / "killed", steps, 0.0, 2)
+    stopped = _fsdp(config, script, tmp_path / "stopped", steps, 0.0, 2, env={"STOP_AT": "3"})
     _finish(one)
     _finish(ref)
     text = _finish(resumed)
@@ -215,6 +225,13 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
         assert lb["loss"] == pytest.approx(la["loss"], rel=1e-4)
         assert lb["grad_norm"] == pytest.approx(la["grad_norm"], rel=1e-4)
     assert max(e["grad_norm"] for e in rb["losses"]) > 0.5  # clipping was active
+
+    # The main process's callback raised at step 3: every process saved step 3 with it, then stopped.
+    text, _ = stopped.communicate(timeout=180)
+    assert stopped.returncode != 0 and "Stop" in text, text
+    st = json.load(open(tmp_path / "stopped" / "checkpoints" / "step_00000003" / "state.json"))
+    assert st["history"]["sessions"][-1]["status"] == "stopped by callback (Stop)"
+    assert not (tmp_path / "stopped" / "report.json").exists()
 
     # SIGKILL + resume = uninterrupted, bit for bit (same world size, same machine).
     final_res = load_file(str(tmp_path / "killed" / "final.safetensors"))

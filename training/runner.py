@@ -342,6 +342,9 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
             history = ckpt.state.get("history", history)
             start = ckpt.step
             resumed_from = ckpt.path
+            if not sharded:  # copied into the model and optimizer: do not hold a second copy while training
+                ckpt.model.clear()
+                ckpt.optimizer.clear()
             if main:
                 log(f"resuming from {ckpt.path} (step {start}/{cfg.steps})")
 
@@ -351,6 +354,10 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
     if sharded and resumed_from is not None:
         opt_dict, has_opt_state = sharded_resume
         shard_state.load(model, torch_optimizer, ckpt.model if main else None, opt_dict, with_optimizer_state=has_opt_state)
+        # The main process's full copy (~3x the trainable weights) is not needed while training.
+        ckpt.model.clear()
+        ckpt.optimizer.clear()
+        opt_dict = sharded_resume = None
         try:
             scheduler.load_state_dict(ckpt.state["scheduler"])
         except (KeyError, ValueError) as e:
