@@ -40,9 +40,12 @@ def register_model_folders() -> None:
 
 # ----------------------------------------------------------------------------- files and folders
 def list_diffusers_models() -> list[str]:
-    """Diffusers model folders (those holding a ``model_index.json``) under ``models/diffusers``,
-    as paths relative to their root, ``/``-separated; sub-folders are searched two levels deep."""
+    """The I2V models to offer: the pack's bundled demo model first (``pipelines.demo``, when its
+    folder is present), then the diffusers model folders (those holding a ``model_index.json``)
+    under ``models/diffusers``, as paths relative to their root, ``/``-separated; sub-folders are
+    searched two levels deep."""
     import folder_paths
+    from pipelines.demo import DEMO_MODEL, DEMO_MODEL_LABEL
 
     found: set[str] = set()
     for root in folder_paths.get_folder_paths("diffusers"):
@@ -56,13 +59,21 @@ def list_diffusers_models() -> list[str]:
                 dirnames[:] = []  # a model's own sub-folders are its components
             elif depth >= 3:
                 dirnames[:] = []
-    return sorted(found)
+    found.discard(DEMO_MODEL_LABEL)  # a user folder of that name would be unreachable
+    bundled = [DEMO_MODEL_LABEL] if os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")) else []
+    return bundled + sorted(found)
 
 
 def diffusers_model_path(name: str) -> str:
     """Absolute folder of a model listed by ``list_diffusers_models``; a clear error if it is gone."""
     import folder_paths
+    from pipelines.demo import DEMO_MODEL, DEMO_MODEL_LABEL
 
+    if name == DEMO_MODEL_LABEL:
+        if not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")):
+            raise FileNotFoundError(f"{name!r}: the pack's bundled demo model is missing ({DEMO_MODEL}); "
+                                    "reinstall MotionDial or pick a model from models/diffusers.")
+        return DEMO_MODEL
     roots = folder_paths.get_folder_paths("diffusers")
     for root in roots:
         path = os.path.join(root, *name.split("/"))

@@ -1,6 +1,7 @@
 """Loader nodes: the I2V model, the motion estimator, the motion embedder and the SVD text adapter."""
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,11 +57,14 @@ class LoadI2VModel(io.ComfyNode):
             display_name="Load I2V Model",
             category=CATEGORY,
             description="Loads a diffusers image-to-video model folder (with model_index.json) from "
-                        "models/diffusers. Only .safetensors weights are read.",
+                        "models/diffusers, or the pack's bundled demo model (listed first; no download). Only "
+                        ".safetensors weights are read.",
             inputs=[
                 io.Combo.Input("model_name", options=host.list_diffusers_models(),
                                tooltip="A diffusers model folder inside models/diffusers (CogVideoX-5b-I2V, "
-                                       "CogVideoX1.5-5B-I2V, stable-video-diffusion-img2vid-xt ...)."),
+                                       "CogVideoX1.5-5B-I2V, stable-video-diffusion-img2vid-xt ...), or the "
+                                       "pack's bundled demo model (a 32-px toy SVD trained on synthetic clips: "
+                                       "8 frames, 32x32, cfg 1; use it with the bundled demo embedder)."),
                 io.Combo.Input("dtype", options=DTYPES, default="auto",
                                tooltip="Weight precision. auto: bf16 on a GPU, fp32 on the CPU."),
                 io.Combo.Input("device", options=DEVICES, default="auto",
@@ -135,14 +139,29 @@ class LoadMotionEstimator(io.ComfyNode):
 
 
 def list_motion_embedders() -> list[str]:
-    """Files in models/motion_embedders, minus the transformer deltas kept beside their embedders
-    (a ``train_motion`` run folder holds both; only the embedder is picked, it names its delta)."""
-    out = []
+    """The bundled demo model's embedder first (when present), then the files in
+    models/motion_embedders, minus the transformer deltas kept beside their embedders (a
+    ``train_motion`` run folder holds both; only the embedder is picked, it names its delta)."""
+    from pipelines.demo import DEMO_EMBEDDER, DEMO_EMBEDDER_LABEL
+
+    out = [DEMO_EMBEDDER_LABEL] if os.path.isfile(DEMO_EMBEDDER) else []
     for name in host.list_model_files("motion_embedders"):
         meta = host.safetensors_metadata(host.model_file_path("motion_embedders", name))
-        if meta.get("format") != "motiondial.delta":
+        if meta.get("format") != "motiondial.delta" and name != DEMO_EMBEDDER_LABEL:
             out.append(name)
     return out
+
+
+def motion_embedder_path(name: str) -> str:
+    """File of an entry of ``list_motion_embedders``; a clear error if it is gone."""
+    from pipelines.demo import DEMO_EMBEDDER, DEMO_EMBEDDER_LABEL
+
+    if name == DEMO_EMBEDDER_LABEL:
+        if not os.path.isfile(DEMO_EMBEDDER):
+            raise FileNotFoundError(f"{name!r}: the pack's bundled demo embedder is missing ({DEMO_EMBEDDER}); "
+                                    "reinstall MotionDial or pick a file from models/motion_embedders.")
+        return DEMO_EMBEDDER
+    return host.model_file_path("motion_embedders", name)
 
 
 class LoadMotionEmbedder(io.ComfyNode):
@@ -165,7 +184,8 @@ class LoadMotionEmbedder(io.ComfyNode):
                 io.Combo.Input("embedder_name", options=list_motion_embedders(),
                                tooltip="A motion embedder file in models/motion_embedders, trained for this model "
                                        "(training.train_motion's motion_embedder.safetensors; keep the "
-                                       "transformer delta of a LoRA/full run in the same folder)."),
+                                       "transformer delta of a LoRA/full run in the same folder), or the bundled "
+                                       "demo embedder (for the bundled demo model only)."),
             ],
             outputs=[t.MotionEmbedder.Output(display_name="embedder")],
         )
@@ -174,7 +194,7 @@ class LoadMotionEmbedder(io.ComfyNode):
     def execute(cls, model, embedder_name: str) -> io.NodeOutput:
         from motion.embedding import load_trained_motion
 
-        path = host.model_file_path("motion_embedders", embedder_name)
+        path = motion_embedder_path(embedder_name)
         embedder, weights = load_trained_motion(path, model.model)  # both checked against the model
         trained = TrainedMotion(embedder, weights, path)
         trained._checked.add(model.model)

@@ -260,7 +260,9 @@ def load_model(
         pipe.to(dev)
     if vae_tiling:
         pipe.vae.enable_tiling()
-    if vae_slicing and hasattr(pipe.vae, "enable_slicing"):
+    if vae_slicing and family.name != "svd":
+        # SVD's temporal decoder has no batch slicing (diffusers 0.42 raises NotImplementedError
+        # from the inherited enable_slicing); sample() decodes it 2 frames at a time instead.
         pipe.vae.enable_slicing()
     return I2VModel(family=family, variant=match.variant, path=folder, pipeline=pipe, dtype=DTYPES[dtype],
                     device=dev, offload=offload, vae_tiling=vae_tiling, vae_slicing=vae_slicing)

@@ -46,6 +46,8 @@ CORE_NODES: dict[str, dict[str, Any]] = {
     "SaveVideo": {"inputs": {"video": "VIDEO", "filename_prefix": "STRING", "format": "COMBO", "codec": "COMBO"},
                   "outputs": []},
     "PreviewAny": {"inputs": {"source": "*"}, "outputs": []},
+    "ImageScaleBy": {"inputs": {"image": "IMAGE", "upscale_method": "COMBO", "scale_by": "FLOAT"},
+                     "outputs": ["IMAGE"]},
 }
 
 
@@ -188,6 +190,15 @@ class CoreStandIns:
         write_video(path, frames, video["fps"])
         self.saved.append({"path": path, "frames": frames.shape[0], "fps": video["fps"]})
         return ()
+
+    def ImageScaleBy(self, image, upscale_method: str, scale_by: float):  # noqa: N802
+        import torch
+
+        if upscale_method != "nearest-exact" or not 0.01 <= scale_by <= 8.0:  # what the workflows use
+            raise ValueError(f"ImageScaleBy stand-in: {upscale_method} x{scale_by} not supported")
+        h, w = round(image.shape[1] * scale_by), round(image.shape[2] * scale_by)
+        out = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(h, w), mode="nearest-exact")
+        return (out.movedim(1, -1),)
 
     def PreviewAny(self, source):  # noqa: N802
         self.previews.append(str(source))

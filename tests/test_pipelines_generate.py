@@ -55,12 +55,12 @@ def test_flags_override_the_demo_defaults(tmp_path, capsys):
 
     out = tmp_path / "o.mp4"
     rc = generate.main(["--object", "2", "--camera", "10", "--frames", "6", "--steps", "2", "--cfg", "2",
-                        "--height", "16", "--seed", "4", "--fps", "5", "--upscale", "3", "--out", str(out),
-                        "--no-progress"])
+                        "--height", "16", "--seed", "4", "--fps", "5", "--upscale", "3", "--vae-slicing",
+                        "--out", str(out), "--no-progress"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     for setting in ("frames: 6", "steps: 2", "cfg: 2.0", "height: 16", "width: 16", "seed: 4", "fps: 5.0",
-                    "object_intensity: 2.0", "camera_intensity: 10.0", "upscale: 3"):
+                    "object_intensity: 2.0", "camera_intensity: 10.0", "upscale: 3", "vae_slicing: true"):
         assert setting in cap.out, setting
     assert "requested object 2 / camera 10 -> measured" in cap.out
     # outside the demo's training range / meaningless guidance: said, not refused

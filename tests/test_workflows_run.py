@@ -90,6 +90,32 @@ def test_motion_transfer_workflow(nodes_env):
     assert r.ui["4"]["text"] == (summary,)
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(h.PACK_DIR, "assets", "demo_model", "model", "model_index.json")),
+                    reason="the bundled demo model (assets/demo_model) is missing: a partial checkout")
+def test_demo_workflow_runs_as_shipped_on_the_bundled_model(nodes_env):
+    """No fast overrides: the demo's own settings (8 frames, 10 steps, 32x32) are already fast."""
+    import re
+
+    from motion import read_clip
+    from pipelines.demo import DEMO_MODEL
+
+    g = h.load_workflow("motiondial_demo", api=True)
+    r = h.run_api_graph(g)
+    assert os.path.realpath(r.outputs["1"][0].model.path) == os.path.realpath(DEMO_MODEL)
+    frames = _sampler_frames(g, r)
+    assert tuple(frames.shape) == (8, 32, 32, 3) and torch.isfinite(frames).all()
+    assert r.outputs["4"][1] == 7.0
+    (saved,) = r.core.saved
+    clip = read_clip(saved["path"])  # enlarged 8x for viewing
+    assert clip.frames.shape == (8, 256, 256, 3) and clip.fps == 7.0
+    (summary,) = r.core.previews  # measured on the native frames
+    assert re.fullmatch(r"object \d+\.\d\d / 10, camera \d+\.\d\d / 10 \(flow\)", summary), summary
+    _, obj, cam, _ = r.outputs["8"]
+    assert 1.0 <= obj <= 10.0 and 1.0 <= cam <= 10.0
+    g["4"]["inputs"]["object_intensity"] = 1.0  # the dials reach the trained embedder
+    assert (frames - _sampler_frames(g, h.run_api_graph(g))).abs().max() > 1e-3
+
+
 def test_example_inputs_are_what_the_workflows_name():
     from PIL import Image
 

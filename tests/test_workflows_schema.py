@@ -21,9 +21,9 @@ def _schema_widgets(schema):
             if i.io_type in WIDGET_TYPES]
 
 
-def test_the_four_workflows_are_shipped_with_thumbnails_and_api_copies():
-    assert NAMES == ["motiondial_build_ed_task_vectors", "motiondial_i2v_dials", "motiondial_i2v_ed_schedule",
-                     "motiondial_motion_transfer"]
+def test_the_five_workflows_are_shipped_with_thumbnails_and_api_copies():
+    assert NAMES == ["motiondial_build_ed_task_vectors", "motiondial_demo", "motiondial_i2v_dials",
+                     "motiondial_i2v_ed_schedule", "motiondial_motion_transfer"]
     for n in NAMES:
         assert os.path.isfile(os.path.join(h.WORKFLOWS, n + ".jpg")), f"{n}.jpg thumbnail missing"
         assert os.path.isfile(os.path.join(h.WORKFLOWS, "api", n + "_api.json"))

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the pack's library (pipelines.demo: the bundled demo's names)
+from pipelines.demo import DEMO_DEFAULTS, DEMO_EMBEDDER_LABEL, DEMO_MODEL_LABEL  # noqa: E402
 
 # The models the templates name. Put these folders / files into ComfyUI's models/ (see docs/comfyui.md).
 BASE_MODEL = "CogVideoX1.5-5B-I2V"
@@ -64,8 +67,8 @@ def load_model(id_: int, pos) -> Node:
                 outputs=[("model", "MD_I2V_MODEL")])
 
 
-def load_embedder(id_: int, pos) -> Node:
-    return Node(id_, "MotionDialLoadMotionEmbedder", pos, (320, 60), [("embedder_name", EMBEDDER)],
+def load_embedder(id_: int, pos, name: str = EMBEDDER) -> Node:
+    return Node(id_, "MotionDialLoadMotionEmbedder", pos, (320, 60), [("embedder_name", name)],
                 [("model", "MD_I2V_MODEL", False)], [("embedder", "MD_MOTION_EMBEDDER")])
 
 
@@ -74,11 +77,21 @@ def load_image(id_: int, pos) -> Node:
                 outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], extra_widget_values={1: "image"})
 
 
-def sampler(id_: int, pos, object_intensity: float = 5.0, camera_intensity: float = 5.0) -> Node:
-    widgets = [(k, object_intensity if k == "object_intensity" else camera_intensity if k == "camera_intensity"
-                else v) for k, v in SAMPLER_WIDGETS]
+def sampler(id_: int, pos, object_intensity: float = 5.0, camera_intensity: float = 5.0, **widgets_: Any) -> Node:
+    widgets_.update(object_intensity=object_intensity, camera_intensity=camera_intensity)
+    widgets = [(k, widgets_.get(k, v)) for k, v in SAMPLER_WIDGETS]
     return Node(id_, "MotionDialI2VSampler", pos, (400, 560), widgets, SAMPLER_SOCKETS,
                 [("frames", "IMAGE"), ("fps", "FLOAT")], extra_widget_values={6: "fixed"})
+
+
+def estimate_motion(id_: int, pos, fps: float = 8.0) -> Node:
+    return Node(id_, "MotionDialEstimateMotion", pos, (320, 110), [("fps", fps)],
+                [("frames", "IMAGE", False), ("estimator", "MD_MOTION_ESTIMATOR", True)],
+                [("scores", "MD_MOTION_SCORES"), ("object", "FLOAT"), ("camera", "FLOAT"), ("summary", "STRING")])
+
+
+def preview_any(id_: int, pos, title: str) -> Node:
+    return Node(id_, "PreviewAny", pos, (320, 120), sockets=[("source", "*", False)], title=title)
 
 
 def create_video(id_: int, pos) -> Node:
@@ -152,10 +165,8 @@ def graph_transfer() -> Graph:
              outputs=[("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
         Node(3, "MotionDialLoadMotionEstimator", (40, 520), (320, 60), [("estimator", "flow (weight-free)")],
              outputs=[("estimator", "MD_MOTION_ESTIMATOR")]),
-        Node(4, "MotionDialEstimateMotion", (400, 420), (320, 110), [("fps", 8.0)],
-             [("frames", "IMAGE", False), ("estimator", "MD_MOTION_ESTIMATOR", True)],
-             [("scores", "MD_MOTION_SCORES"), ("object", "FLOAT"), ("camera", "FLOAT"), ("summary", "STRING")]),
-        Node(5, "PreviewAny", (400, 590), (320, 120), sockets=[("source", "*", False)], title="Estimated motion"),
+        estimate_motion(4, (400, 420)),
+        preview_any(5, (400, 590), "Estimated motion"),
         load_model(6, (400, 60)),
         load_embedder(7, (400, 230)),
         load_image(8, (40, 620)),
@@ -193,7 +204,44 @@ def graph_build() -> Graph:
     ], [(1, 2, 3, "source")])
 
 
-GRAPHS = [graph_dials, graph_ed, graph_transfer, graph_build]
+# The demo graph samples at the bundled model's trained-for settings and enlarges the 32-px frames
+# 8x (nearest: the pixels stay honest) for viewing; Estimate Motion reads the native frames.
+DEMO_UPSCALE = 8.0
+
+
+def graph_demo() -> Graph:
+    d = DEMO_DEFAULTS
+    return Graph("motiondial_demo", "MotionDial demo: the bundled 32-px model, object / camera dials, no download", [
+        Node(1, "MotionDialLoadI2VModel", (40, 60), (320, 130),
+             [("model_name", DEMO_MODEL_LABEL), ("dtype", "fp32"), ("device", "auto"), ("vae_tiling", True)],
+             outputs=[("model", "MD_I2V_MODEL")]),
+        load_embedder(2, (40, 230), DEMO_EMBEDDER_LABEL),
+        load_image(3, (40, 340)),
+        sampler(4, (420, 60), object_intensity=7.0, camera_intensity=5.0, prompt="", negative_prompt="",
+                frames=d["frames"], steps=d["steps"], cfg=d["cfg"], width=d["width"], height=d["height"],
+                fps=d["fps"]),
+        Node(5, "ImageScaleBy", (880, 60), (320, 82), [("upscale_method", "nearest-exact"), ("scale_by", DEMO_UPSCALE)],
+             [("image", "IMAGE", False)], [("IMAGE", "IMAGE")], title="Enlarge 8x for viewing"),
+        create_video(6, (880, 190)),
+        save_video(7, (880, 310), "video/motiondial_demo"),
+        estimate_motion(8, (40, 720), fps=d["fps"]),
+        preview_any(9, (40, 880), "Measured motion of the result"),
+        note(10, (420, 660), (400, 300),
+             "The MotionDial demo: see the motion dials work without downloading anything.\n\nThe bundled demo "
+             "model is a tiny Stable Video Diffusion (32x32 pixels, 8 frames, 7 fps) trained from scratch on "
+             "synthetic clips (the camera pans right, one object moves down) with MotionDial's decoupled motion "
+             "scores; the bundled embedder turns the object / camera intensities (1..10; trained on 1..9) into its "
+             "conditioning. The example image is centre-cropped to a square. cfg stays 1: the model was trained "
+             "without condition dropout, so guidance has nothing to push against. The 32-px frames are enlarged "
+             "8x for the saved video; Estimate Motion measures the native frames, so you can compare what you "
+             "asked for with what you got. Try object 1..9 and camera 1..9. A toy: it shows control, not video "
+             "quality. For real models see docs/comfyui.md."),
+    ], [(1, 0, 2, "model"), (1, 0, 4, "model"), (3, 0, 4, "image"), (2, 0, 4, "embedder"),
+        (4, 0, 5, "image"), (5, 0, 6, "images"), (4, 1, 6, "fps"), (6, 0, 7, "video"),
+        (4, 0, 8, "frames"), (4, 1, 8, "fps"), (8, 3, 9, "source")])
+
+
+GRAPHS = [graph_dials, graph_ed, graph_transfer, graph_build, graph_demo]
 
 
 def _widget_values(n: Node) -> list:
