@@ -32,7 +32,7 @@ import os, sys, time
 import numpy as np, torch
 from torch import nn
 torch.set_num_threads(1)
-from training.runner import RunnerConfig, TrainTask, run
+from training.runner import RunnerConfig, TrainTask, run, shutdown_distributed
 from training.checkpoint import atomic_save_safetensors
 out, steps, delay, accum = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 
@@ -89,6 +89,7 @@ r = run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.02, grad_accum=accum, 
                            weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", clip_grad_norm=0.5,
                            progress=False, seed=5), callback=callback if stop_at else None)
 print("STATUS", r.status, r.step, flush=True)
+shutdown_distributed()
 '''
 
 FSDP2_CPU_CONFIG = """\
@@ -260,6 +261,8 @@ def test_meta_skeleton_copies_structure_not_memory() -> None:
     assert sk.keep.is_meta and sk.tmp is m.tmp  # non-persistent buffers are shared, not in state dicts
     assert not sk.a.bias.requires_grad and sk.a.weight.requires_grad
     assert all(not p.is_meta for p in m.parameters())  # the original is untouched
+    m.a.register_forward_hook(lambda *a: None)  # e.g. sharding, after the copy was made
+    assert len(m.a._forward_hooks) == 1 and len(sk.a._forward_hooks) == 0
     full = {k: torch.full_like(v, 2.0) for k, v in m.state_dict().items()}
     st = ShardedState(m, torch.optim.AdamW([m.a.weight]), {"a.weight": m.a.weight})
     got = st.full_model(full)

@@ -540,6 +540,19 @@ def multi_process_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down at the end of a multi-process CLI (no-op otherwise).
+
+    A process that exits with its gloo/NCCL process group still alive may abort in the C++
+    destructors ("terminate called without an active exception") after training completed,
+    and the launcher then reports the whole run as failed. Every process must call it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _make_accelerator(cls, mixed_precision: str):
     """An ``Accelerator``; in a single process, a previous one with another precision is replaced.
 
@@ -658,4 +671,4 @@ def _load_model_state(model: nn.Module, trainable: Mapping[str, nn.Parameter], t
 
 
 __all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "check_supported_distribution", "multi_process_cpu",
-           "run", "step_seed", "list_checkpoints"]
+           "run", "shutdown_distributed", "step_seed", "list_checkpoints"]

@@ -73,7 +73,8 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s tree of submodules whose parameters and persistent buffers are meta
     tensors (no memory); every other attribute is shared with the original (shallow copy).
 
-    Made before sharding: ``fully_shard`` / FSDP1 change the original modules in place. Tied
+    Made before sharding: ``fully_shard`` changes the original modules in place (class, hooks,
+    parameters); the copy keeps the hooks registered so far, in tables of its own. Tied
     parameters stay tied. Non-persistent buffers are shared with the original (they are not
     sharded and not in state dicts)."""
     modules: dict[int, nn.Module] = {}
@@ -92,6 +93,10 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
             return modules[id(mod)]
         new = copy.copy(mod)
         modules[id(mod)] = new
+        # Own hook tables: hooks that sharding adds to the original later must not reach the copy.
+        for k, v in mod.__dict__.items():
+            if "hook" in k and isinstance(v, dict):
+                new.__dict__[k] = type(v)(v)
         new._parameters = {k: tensor(p, True) for k, p in mod._parameters.items()}
         new._buffers = {k: (b if k in mod._non_persistent_buffers_set else tensor(b, False))
                         for k, b in mod._buffers.items()}
