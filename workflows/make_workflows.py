@@ -225,7 +225,7 @@ def graph_demo() -> Graph:
         create_video(6, (880, 190)),
         save_video(7, (880, 310), "video/motiondial_demo"),
         estimate_motion(8, (40, 720), fps=d["fps"]),
-        preview_any(9, (40, 880), "Measured motion of the result"),
+        preview_any(9, (40, 950), "Measured motion of the result"),
         note(10, (420, 660), (400, 300),
              "The MotionDial demo: see the motion dials work without downloading anything.\n\nThe bundled demo "
              "model is a tiny Stable Video Diffusion (32x32 pixels, 8 frames, 7 fps) trained from scratch on "
