@@ -81,7 +81,7 @@ class Stop(Exception):
 stop_at = int(os.environ.get("STOP_AT", "0"))
 def callback(step, total, logs):  # called on the main process only, like a UI's progress hook
     if step == stop_at:
-        raise Stop
+        raise KeyboardInterrupt if os.environ.get("STOP_KIND") == "interrupt" else Stop
 
 task = TrainTask(name="fsdp", model=model, batch_fn=batch_fn, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
                  eval_fn=eval_fn, save_fn=save_fn)
@@ -176,8 +176,7 @@ def _close(a: dict, b: dict, what: str, atol=2e-5) -> None:
 def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     """FSDP2 over 2 CPU processes (2 micro-batches each) = 1 process with 4 micro-batches: final
     weights, checkpoints (model + optimizer state, full tensors) and evaluations. A sharded run
-    SIGKILLed mid-run and launched again resumes and ends bit-identical to the uninterrupted one.
-    A callback raising on the main process stops every process after a common checkpoint."""
+    SIGKILLed mid-run and launched again resumes and ends bit-identical to the uninterrupted one."""
     script, config = tmp_path / "train.py", tmp_path / "fsdp2_cpu.yaml"
     script.write_text(SCRIPT)
     config.write_text(FSDP2_CPU_CONFIG)
@@ -190,7 +189,6 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     _kill_all(killed)
     assert not (tmp_path / "killed" / "report.json").exists()
     resumed = _fsdp(config, script, tmp_path / "killed", steps, 0.0, 2)
-    stopped = _fsdp(config, script, tmp_path / "stopped", steps, 0.0, 2, env={"STOP_AT": "3"})
     _finish(one)
     _finish(ref)
     text = _finish(resumed)
@@ -227,13 +225,6 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
         assert lb["grad_norm"] == pytest.approx(la["grad_norm"], rel=1e-4)
     assert max(e["grad_norm"] for e in rb["losses"]) > 0.5  # clipping was active
 
-    # The main process's callback raised at step 3: every process saved step 3 with it, then stopped.
-    text, _ = stopped.communicate(timeout=180)
-    assert stopped.returncode != 0 and "Stop" in text, text
-    st = json.load(open(tmp_path / "stopped" / "checkpoints" / "step_00000003" / "state.json"))
-    assert st["history"]["sessions"][-1]["status"] == "stopped by callback (Stop)"
-    assert not (tmp_path / "stopped" / "report.json").exists()
-
     # SIGKILL + resume = uninterrupted, bit for bit (same world size, same machine).
     final_res = load_file(str(tmp_path / "killed" / "final.safetensors"))
     assert final_res.keys() == final_fsdp.keys()
@@ -242,6 +233,29 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     rep = json.load(open(tmp_path / "killed" / "report.json"))
     assert rep["status"] == "completed" and rep["steps_done"] == steps
     assert rep["sessions"][0]["started_at_step"] >= 4 and rep["sessions"][0]["resumed_from"]
+
+
+@pytest.mark.slow
+def test_fsdp2_callback_stop_on_the_main_process_stops_every_process(tmp_path):
+    """A callback (called on the main process only) that raises stops every process after a common
+    checkpoint: an exception propagates everywhere; a KeyboardInterrupt (a UI's stop button) ends
+    every process "interrupted". Neither hangs."""
+    script, config = tmp_path / "train.py", tmp_path / "fsdp2_cpu.yaml"
+    script.write_text(SCRIPT)
+    config.write_text(FSDP2_CPU_CONFIG)
+    stopped = _fsdp(config, script, tmp_path / "stopped", 8, 0.0, 2, env={"STOP_AT": "3"})
+    interrupted = _fsdp(config, script, tmp_path / "interrupted", 8, 0.0, 2, env={"STOP_AT": "3", "STOP_KIND": "interrupt"})
+    # An exception: every process saved step 3 with it, then stopped.
+    text, _ = stopped.communicate(timeout=180)
+    assert stopped.returncode != 0 and "Stop" in text and "the main process's callback raised" in text, text
+    st = json.load(open(tmp_path / "stopped" / "checkpoints" / "step_00000003" / "state.json"))
+    assert st["history"]["sessions"][-1]["status"] == "stopped by callback (Stop)"
+    assert not (tmp_path / "stopped" / "report.json").exists()
+    # A KeyboardInterrupt from it (a UI's stop button): every process ends "interrupted", no hang.
+    text = _finish(interrupted)
+    assert text.count("STATUS interrupted 3") == 2, text
+    rep = json.load(open(tmp_path / "interrupted" / "report.json"))
+    assert rep["status"] == "interrupted" and rep["checkpoint"].endswith("step_00000003")
 
 
 def test_meta_skeleton_copies_structure_not_memory() -> None:

@@ -466,14 +466,20 @@ def run(task: TrainTask, cfg: RunnerConfig, *, accelerator=None, callback: Calla
                             callback(step, cfg.steps, entry)
                         except BaseException as e:
                             stop = e
-                    # Every process must take part in the checkpoint (a barrier; under FSDP a gather).
-                    if _any_process(accelerator, stop is not None):
-                        name = type(stop).__name__ if stop is not None else "the main process's callback"
+                    # Every process must take part in the checkpoint (a barrier; under FSDP a gather)
+                    # and then leave the same way: a KeyboardInterrupt leads to one more (collective)
+                    # checkpoint below, so the other processes raise one too.
+                    code = 0 if stop is None else 1 if isinstance(stop, KeyboardInterrupt) else 2
+                    code = _main_process_code(accelerator, code)
+                    if code:
+                        name = type(stop).__name__ if stop is not None else "on the main process"
                         history["sessions"].append({**session, "ended_at_step": step, "wall_s": time.perf_counter() - t0,
                                                     "status": f"stopped by callback ({name})"})
                         last_ckpt = checkpoint(step)
                         if stop is not None:
                             raise stop
+                        if code == 1:
+                            raise KeyboardInterrupt
                         raise RuntimeError(f"stopped at step {step}: the main process's callback raised")
     except KeyboardInterrupt:
         # Parameters are those of the last completed step: any partial micro-batch only touched grads.
@@ -590,6 +596,14 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
+def _main_process_code(accelerator, code: int) -> int:
+    """The main process's ``code`` on every process (the others pass 0)."""
+    if accelerator.num_processes == 1:
+        return code
+    t = torch.tensor(float(code if accelerator.is_main_process else 0), device=accelerator.device)
+    return int(accelerator.reduce(t, "sum").item())
+
+
 def _local(x: Any) -> Any:
     """A replicated DTensor (FSDP2's gradient norm, metrics of sharded models) as a plain tensor."""
     full = getattr(x, "full_tensor", None)
@@ -613,8 +627,8 @@ def _read_checkpoint_sharded(accelerator, resume: str, root: str, shard_state: S
                 opt_tensors = {k: v for k, v in ckpt.optimizer.items() if k.startswith("state.")}
                 opt_dict = optimizer_from_tensors(opt_tensors, ckpt.state["optimizer"])
                 msg = [ckpt.path, shard_state.check(ckpt.model, opt_dict, ckpt.path), bool(opt_dict["state"])]
-        except (CheckpointError, KeyError, ValueError) as e:
-            msg = [None, f"{e}" if isinstance(e, CheckpointError) else f"{resume}: cannot read checkpoint ({e})", False]
+        except Exception as e:  # any error must reach the other processes, or they wait for the broadcast forever
+            msg = [None, f"{e}" if isinstance(e, CheckpointError) else f"{resume}: cannot read checkpoint ({e!r})", False]
     if accelerator.num_processes > 1:
         dist.broadcast_object_list(msg, src=0)
     path, error, has_opt_state = msg
