@@ -25,6 +25,7 @@ needs_demo = pytest.mark.skipif(not demo.demo_available(),
                                 reason=f"the bundled demo model is missing ({demo.DEMO_DIR}): a partial checkout")
 
 
+@pytest.mark.slow  # ~3-6 s: the first test here to load diffusers, the model and the estimator
 @needs_demo
 def test_default_command_runs_the_bundled_demo_and_measures_motion(tmp_path, capsys):
     from motion.clips import read_clip
