@@ -446,4 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    from training.runner import shutdown_distributed
+
+    shutdown_distributed()  # several processes: a clean exit, or the launcher may report a crash
+    sys.exit(_code)
