@@ -47,7 +47,7 @@ class DemoTrainConfig:
     model: DemoModelConfig = field(default_factory=DemoModelConfig)
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     clips: int = 2048
-    vae_steps: int = 1000
+    vae_steps: int = 1500
     vae_batch: int = 2
     vae_lr: float = 2e-3
     #: after the autoencoder stage, measure control of ground-truth clips *through* the VAE on
