@@ -25,7 +25,9 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 1))
 
 def batch_fn(ctx):
-    time.sleep(delay)  # slow enough for the parent to hit it mid-run
+    # Slow enough for the parent to hit it mid-run; 20x slower from step 6 on (where the parent
+    # strikes), so a parent starved of CPU on a loaded machine still finds the run unfinished.
+    time.sleep(delay if ctx.step < 6 else 20 * delay)
     x = torch.from_numpy(ctx.rng.standard_normal((8, 4))).float()
     return x, x.sum(1, keepdim=True)
 

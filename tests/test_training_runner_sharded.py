@@ -61,7 +61,9 @@ model = Net()
 model.inp.requires_grad_(False)
 
 def batch_fn(ctx):
-    time.sleep(delay)  # slow enough for the parent to kill it mid-run
+    # Slow enough for the parent to kill it mid-run; 10x slower from step 4 on (where the parent
+    # strikes), so a parent starved of CPU on a loaded machine still finds the run unfinished.
+    time.sleep(delay if ctx.step < 4 else 10 * delay)
     # The same samples whether they are split over processes or over micro-batches of one process.
     g = ctx.micro * ctx.num_processes + ctx.process_index
     r = np.random.default_rng([5, ctx.step, g])
