@@ -107,7 +107,7 @@ def test_frame_wise_decoder_decodes_each_frame_alone():
 def test_vae_stage_keeps_the_decoder_frame_wise(tmp_path):
     """Stage 1 trains the autoencoder but never the frame-mixing parameters."""
     from training.demo_model import temporal_decoder_parameters
-    from training.train_demo import DemoTrainConfig, train_demo
+    from training.train_demo import DemoTrainConfig
 
     cfg = DemoTrainConfig(out=str(tmp_path / "run"), seed=0, model=TINY_MODEL, data=TINY_DATA, clips=2,
                           vae_steps=2, vae_batch=1, steps=0, vae_check_seeds=0, progress=False, eval_every=0)
