@@ -1,7 +1,7 @@
 """Controllability of a motion-conditioned model (issue 8's acceptance numbers).
 
     python benchmarks/bench_control.py --model DIR --embedder FILE [--levels 1,3,5,7,9] [--seeds 3]
-           [--steps 10] [--frames 8] [--motion-scale 1,2] [--image PNG] [--threads 1] [--json OUT]
+           [--steps 25] [--frames 8] [--motion-scale 1,2] [--image PNG] [--threads 1] [--json OUT]
 
 Generates every requested (object, camera) pair of ``--levels`` for ``--seeds`` first frames
 (held-out demo frames, or ``--image``; first frame ``i`` samples with seed ``i``), measures each
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="first frames / sampling seeds per cell")
     p.add_argument("--data-seed", type=int, default=1000, help="demo data set the first frames come from (held out)")
     p.add_argument("--image", default=None, help="use this image as every first frame instead")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (the demo default; 10 leaks more camera into object)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--fps", type=float, default=7.0)
     p.add_argument("--size", type=int, default=32)

@@ -27,7 +27,7 @@ DEMO_EMBEDDER_LABEL = "MotionDial demo embedder (bundled)"
 #: Sampling settings of the demo: its training clips are 8 frames of 32x32 at 7 fps (SVD's
 #: default fps conditioning). cfg 1 because it was trained without condition dropout, so SVD's
 #: unconditional branch means nothing. Scores 5/5: the middle of the dials.
-DEMO_DEFAULTS = {"frames": 8, "steps": 10, "cfg": 1.0, "height": 32, "width": 32, "fps": 7.0,
+DEMO_DEFAULTS = {"frames": 8, "steps": 25, "cfg": 1.0, "height": 32, "width": 32, "fps": 7.0,
                  "object": 5.0, "camera": 5.0}
 #: Scores were drawn from 1..9 in training (10 moves a 32-px object out of frame in 8 frames).
 DEMO_TRAINED_MAX_SCORE = 9.0

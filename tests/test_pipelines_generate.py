@@ -35,7 +35,7 @@ def test_default_command_runs_the_bundled_demo_and_measures_motion(tmp_path, cap
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "UNTRAINED" not in text and "bundled demo model" in text and "training.train_demo" in text
-    for setting in ("frames: 8", "steps: 10", "cfg: 1.0", "height: 32", "width: 32", "fps: 7.0", "family: \"svd\"",
+    for setting in ("frames: 8", f"steps: {demo.DEMO_DEFAULTS['steps']}", "cfg: 1.0", "height: 32", "width: 32", "fps: 7.0", "family: \"svd\"",
                     "object_intensity: 5.0", "camera_intensity: 5.0", "motion_embedder: \"MotionScoreEmbedding\"",
                     "sample_image.png", "motion_embedder.safetensors", "upscale: 8", "demo_model: true"):
         assert setting in text, setting

@@ -93,7 +93,7 @@ def test_motion_transfer_workflow(nodes_env):
 @pytest.mark.skipif(not os.path.isfile(os.path.join(h.PACK_DIR, "assets", "demo_model", "model", "model_index.json")),
                     reason="the bundled demo model (assets/demo_model) is missing: a partial checkout")
 def test_demo_workflow_runs_as_shipped_on_the_bundled_model(nodes_env):
-    """No fast overrides: the demo's own settings (8 frames, 10 steps, 32x32) are already fast."""
+    """No fast overrides: the demo's own settings (8 frames, 25 steps, 32x32) are already fast."""
     import re
 
     from motion import read_clip
