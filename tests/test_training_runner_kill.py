@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_procs import wait_for_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,18 +51,6 @@ def _start(tmp_path, out, delay):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(out, n, proc, timeout=60):
-    t0 = time.time()
-    ck = out / "checkpoints"
-    while time.time() - t0 < timeout:
-        if ck.is_dir() and any(name.startswith("step_") and int(name[5:]) >= n for name in os.listdir(ck)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
     # Three children at once (start-up dominates): a reference run, one to SIGKILL, one to Ctrl-C.
@@ -69,7 +58,7 @@ def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
     killed_out, int_out = tmp_path / "killed", tmp_path / "sigint"
     p = _start(tmp_path, killed_out, 0.05)
     pi = _start(tmp_path, int_out, 0.05)
-    _wait_for_checkpoint(killed_out, 6, p)
+    wait_for_checkpoint(killed_out, 6, p)
     time.sleep(0.07)  # somewhere inside a step (or a checkpoint write)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -77,7 +66,7 @@ def test_sigkill_then_resume_matches_uninterrupted_and_sigint_saves(tmp_path):
     resumed = _start(tmp_path, killed_out, 0.0)
 
     # Ctrl-C: the child finishes its step, saves, reports "interrupted" and exits 130.
-    _wait_for_checkpoint(int_out, 3, pi)
+    wait_for_checkpoint(int_out, 3, pi)
     pi.send_signal(signal.SIGINT)
     text, _ = pi.communicate(timeout=120)
     assert pi.returncode == 130, text

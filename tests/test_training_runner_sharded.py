@@ -19,6 +19,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
+from training_procs import wait_for_checkpoint
 from torch import nn
 
 from training.runner import RunnerConfig, TrainTask, check_supported_distribution, run
@@ -156,18 +157,6 @@ def _finish(p, timeout=180) -> str:
     return text
 
 
-def _wait_for_checkpoint(out, n, proc, timeout=120):
-    t0 = time.time()
-    ck = out / "checkpoints"
-    while time.time() - t0 < timeout:
-        if ck.is_dir() and any(name.startswith("step_") and int(name[5:]) >= n for name in os.listdir(ck)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
-
-
 def _close(a: dict, b: dict, what: str, atol=2e-5) -> None:
     assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
     for k in a:
@@ -186,7 +175,7 @@ def test_fsdp2_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     one = _single(script, tmp_path / "one", steps, 4)
     ref = _fsdp(config, script, tmp_path / "fsdp", steps, 0.0, 2)
     killed = _fsdp(config, script, tmp_path / "killed", steps, 0.15, 2)
-    _wait_for_checkpoint(tmp_path / "killed", 4, killed)
+    wait_for_checkpoint(tmp_path / "killed", 4, killed, timeout=120)
     time.sleep(0.1)  # somewhere inside a step (or a checkpoint write)
     _kill_all(killed)
     assert not (tmp_path / "killed" / "report.json").exists()
