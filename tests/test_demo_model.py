@@ -131,3 +131,13 @@ def test_vae_stage_keeps_the_decoder_frame_wise(tmp_path):
     with torch.no_grad():
         dist = vae.encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
     torch.testing.assert_close(dist.std, torch.full_like(dist.std, float(np.exp(-5.0))))
+
+
+def test_train_demo_cli_refuses_bad_vae_channels(tmp_path, capsys):
+    """A malformed --vae-channels is named in the error and nothing is written."""
+    from training.train_demo import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--vae-channels", "64,abc", "--no-progress"]) == 2
+    assert "--vae-channels '64,abc'" in capsys.readouterr().err
+    assert not out.exists()
