@@ -85,6 +85,8 @@ def _vae_task(cfg: DemoTrainConfig, pipe: Any, data: DemoClipDataset):
 
     def batch_fn(ctx: Any) -> dict:
         idx = ctx.rng.integers(0, len(data), size=cfg.vae_batch)
+        # The deterministic loss no longer uses "seed"; it is still drawn so the batch stream (and
+        # with it the shipped, seeded weights) stays what it was.
         return {"video": torch.stack([data[int(i)]["video"] for i in idx]), "seed": int(ctx.rng.integers(0, 2**62))}
 
     def loss_fn(m: nn.Module, batch: dict):
