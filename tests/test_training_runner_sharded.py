@@ -33,7 +33,7 @@ import os, sys, time
 import numpy as np, torch
 from torch import nn
 torch.set_num_threads(1)
-from training.runner import RunnerConfig, TrainTask, run, shutdown_distributed
+from training.runner import RunnerConfig, TrainTask, exit_cli, run
 from training.checkpoint import atomic_save_safetensors
 out, steps, delay, accum = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 
@@ -92,7 +92,7 @@ r = run(task, RunnerConfig(out_dir=out, steps=steps, lr=0.02, grad_accum=accum, 
                            weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", clip_grad_norm=0.5,
                            progress=False, seed=5), callback=callback if stop_at else None)
 print("STATUS", r.status, r.step, flush=True)
-shutdown_distributed()
+exit_cli(0)  # tears the gloo group down; a live one can abort the process at exit
 '''
 
 FSDP2_CPU_CONFIG = """\

@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 import numpy as np
 import torch
@@ -559,6 +560,34 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_cli(code: int) -> NoReturn:
+    """End a trainer's ``__main__`` with exit status ``code`` (0 done, 2 bad input, 130 stopped).
+
+    One process: ``sys.exit(code)``. Several processes (``accelerate launch``, ``torchrun``):
+    :func:`shutdown_distributed`, flush, then ``os._exit(code)``. Even after
+    ``destroy_process_group`` a process can abort in interpreter teardown ("terminate called
+    without an active exception" from gloo's C++ destructors; about 1 FSDP2 run in 15 on 2 busy
+    cores here, presumably because objects such as FSDP2's DTensor meshes still reference the
+    group) after training completed, and the launcher then reports the run as failed.
+    Everything the run writes is written atomically before this point, so skipping the
+    interpreter's teardown loses nothing.
+    """
+    import logging
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    shutdown_distributed()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe must not turn a finished run into a crash
+            pass
+    os._exit(code)
+
+
 def _make_accelerator(cls, mixed_precision: str):
     """An ``Accelerator``; in a single process, a previous one with another precision is replaced.
 
@@ -685,4 +714,4 @@ def _load_model_state(model: nn.Module, trainable: Mapping[str, nn.Parameter], t
 
 
 __all__ = ["RunnerConfig", "StepContext", "TrainResult", "TrainTask", "check_supported_distribution", "multi_process_cpu",
-           "run", "shutdown_distributed", "step_seed", "list_checkpoints"]
+           "run", "shutdown_distributed", "exit_cli", "step_seed", "list_checkpoints"]

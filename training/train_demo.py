@@ -71,7 +71,8 @@ class DemoTrainConfig:
         """What shapes a stage's trajectory (a resume with other values is refused)."""
         common = {"seed": self.seed, "model": self.model.to_json(), "data": self.data.to_json(), "clips": self.clips}
         if stage == "vae":
-            return {**common, "vae_batch": self.vae_batch, "vae_loss": "mse_of_mean"}
+            data = {k: v for k, v in common["data"].items() if k != "object_weight"}  # a stage-2 loss setting
+            return {**common, "data": data, "vae_batch": self.vae_batch, "vae_loss": "mse_of_mean"}
         return {**common, "batch": self.batch, "embedder_lr": self.embedder_lr}
 
 
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--frames", type=int, default=d.data.frames)
     p.add_argument("--size", type=int, default=d.data.height, help="pixel side of the square clips")
+    p.add_argument("--object-weight", type=float, default=d.data.object_weight,
+                   help="stage 2: extra loss weight on the object's pixels (1 + w * coverage, mean-normalised)")
     p.add_argument("--vae-channels", default=",".join(map(str, d.model.vae_channels)),
                    help="VAE channels per level, comma-separated (n levels: 2^(n-1)x downsampling)")
     p.add_argument("--latent-channels", type=int, default=d.model.latent_channels)
@@ -318,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
-    data = DemoDataConfig(frames=a.frames, height=a.size, width=a.size)
+    if not (a.object_weight >= 0):
+        print(f"error: --object-weight {a.object_weight}: expected a number >= 0", file=sys.stderr)
+        return 2
+    data = DemoDataConfig(frames=a.frames, height=a.size, width=a.size, object_weight=a.object_weight)
     try:
         vae_channels = tuple(int(c) for c in a.vae_channels.split(","))
     except ValueError:
@@ -339,8 +345,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    _code = main()
-    from training.runner import shutdown_distributed
+    from training.runner import exit_cli
 
-    shutdown_distributed()  # several processes: a clean exit, or the launcher may report a crash
-    sys.exit(_code)
+    exit_cli(main())  # several processes: tear the group down, or the launcher may report a crash

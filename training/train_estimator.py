@@ -398,8 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _code = main()
-    from training.runner import shutdown_distributed
+    from training.runner import exit_cli
 
-    shutdown_distributed()  # several processes: a clean exit, or the launcher may report a crash
-    sys.exit(_code)
+    exit_cli(main())  # several processes: tear the group down, or the launcher may report a crash

@@ -383,9 +383,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # (the score cache is written atomically once complete).
         print("interrupted before training started; nothing to resume yet", file=sys.stderr)
         return 130
-    from training.runner import shutdown_distributed
-
-    shutdown_distributed()  # several processes: a clean exit, or the launcher may report a crash
     print(f"{result.status} at step {result.step}; report: {result.report_path}")
     for k, v in (result.report.get("files") or {}).items():
         print(f"  {k}: {v}")
@@ -393,4 +390,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.runner import exit_cli
+
+    exit_cli(main())  # several processes: tear the group down, or the launcher may report a crash
