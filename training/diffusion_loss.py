@@ -158,6 +158,11 @@ class CogVideoXObjective(DiffusionObjective):
         return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
 
     def _encode(self, batch: dict, generator: torch.Generator) -> dict:
+        if batch.get("loss_weight") is not None:
+            # Its latents mix 4 frames each (and pad the first); a pixel weight has no clean
+            # counterpart there yet.
+            raise ValueError("batch['loss_weight']: per-pixel loss weights are supported for SVD only, "
+                             "not CogVideoX")
         vae = self.model.vae
         video = batch["video"].to(self.device, vae.dtype)  # [B, T, 3, H, W] in -1..1
         b, t, _, h, w = video.shape
@@ -264,7 +269,7 @@ class SVDObjective(DiffusionObjective):
         added_time_ids = self.pipe._get_add_time_ids(
             self.fps - 1, self.motion_bucket_id, self.noise_aug_strength, image_embeddings.dtype, b, 1, False
         ).to(self.device)
-        return {
+        enc = {
             "latents": latents,
             "image_latents": image_latents,
             "image_embeddings": image_embeddings,
@@ -272,6 +277,9 @@ class SVDObjective(DiffusionObjective):
             "object": batch["object"].to(self.device).float(),
             "camera": batch["camera"].to(self.device).float(),
         }
+        if batch.get("loss_weight") is not None:
+            enc["loss_weight"] = _latent_weight(batch["loss_weight"], latents.shape, self.device)
+        return enc
 
     def loss(self, enc: dict, denoiser: nn.Module, embedder: Optional[nn.Module], generator: torch.Generator) -> torch.Tensor:
         x0 = enc["latents"]
@@ -295,7 +303,21 @@ class SVDObjective(DiffusionObjective):
         else:
             denoised = noisy - sigma * out
         weight = (sigma**2 + 1.0) / sigma**2
-        return (weight * (denoised - x0) ** 2).mean()
+        err = weight * (denoised - x0) ** 2
+        if "loss_weight" in enc:
+            err = err * enc["loss_weight"]
+        return err.mean()
+
+
+def _latent_weight(weight: torch.Tensor, latent_shape: torch.Size, device: Any) -> torch.Tensor:
+    """Per-pixel loss weights ``[B,T,1,H,W]`` → ``[B,T,1,h,w]`` at the latents' size (area
+    average), scaled to mean 1 per clip so weighting moves the loss between pixels, not its size."""
+    b, t, _, h, w = latent_shape
+    if weight.dim() != 5 or tuple(weight.shape[:3]) != (b, t, 1) or (weight < 0).any():
+        raise ValueError(f"batch['loss_weight']: expected non-negative weights [B={b}, T={t}, 1, H, W], "
+                         f"got shape {tuple(weight.shape)}")
+    small = F.interpolate(weight.float().flatten(0, 1), size=(h, w), mode="area").view(b, t, 1, h, w)
+    return (small / small.mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-8)).to(device)
 
 
 def objective_for(model: Any, **kwargs: Any) -> DiffusionObjective:

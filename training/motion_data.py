@@ -357,11 +357,15 @@ class MotionClipDataset(ClipWindows):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack videos to ``[B,T,3,H,W]`` and scores to ``[B]``; captions stay a list."""
-    return {
+    """Stack videos to ``[B,T,3,H,W]`` and scores to ``[B]``; captions stay a list. Per-pixel
+    ``loss_weight`` ``[T,1,H,W]`` (when every item has one) stacks to ``[B,T,1,H,W]``."""
+    batch = {
         "video": torch.stack([x["video"] for x in items]),
         "caption": [x["caption"] for x in items],
         "object": torch.stack([x["object"] for x in items]),
         "camera": torch.stack([x["camera"] for x in items]),
         "index": torch.tensor([x["index"] for x in items]),
     }
+    if all("loss_weight" in x for x in items):
+        batch["loss_weight"] = torch.stack([x["loss_weight"] for x in items])
+    return batch

@@ -160,11 +160,13 @@ def _background(spec: ClipSpec, rng: np.random.Generator) -> tuple[np.ndarray, n
     return tex.astype(np.float32) / 255.0, origin
 
 
-def render_clip(spec: ClipSpec) -> tuple[np.ndarray, dict]:
+def render_clip(spec: ClipSpec, masks: bool = False) -> tuple[np.ndarray, dict]:
     """Render ``spec`` → ``(frames [T,H,W,3] uint8 RGB, meta)``; deterministic in ``spec``.
 
     ``meta`` holds the spec, ``object_speed`` and ``camera_speed`` (pct diag/s, see module doc) and
-    their per-frame-pair curves ``object_curve`` / ``camera_curve`` (length T-1).
+    their per-frame-pair curves ``object_curve`` / ``camera_curve`` (length T-1). With ``masks``
+    it also holds ``object_masks``: ``[T,H,W] float32`` in 0..1, the union of the objects'
+    anti-aliased coverage per frame (an array, so such a ``meta`` is not JSON).
     """
     if spec.kind not in CLIP_KINDS:
         raise ValueError(f"unknown clip kind {spec.kind!r}; expected one of {CLIP_KINDS}")
@@ -183,6 +185,7 @@ def render_clip(spec: ClipSpec) -> tuple[np.ndarray, dict]:
 
     frames = np.empty((T, h, w, 3), dtype=np.uint8)
     areas = np.zeros((T, len(spec.objects)))
+    coverage = np.zeros((T, h, w), dtype=np.float32) if masks else None
     for i in range(T):
         A, b = _camera(spec, i / spec.fps)
         # dst (frame) -> src (canvas): canvas pixel = world - origin.
@@ -199,6 +202,8 @@ def render_clip(spec: ClipSpec) -> tuple[np.ndarray, dict]:
             t = cv2.warpAffine(tex, Mf, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             img = img * (1 - m[..., None]) + t * m[..., None]
             areas[i, k] = float(m.sum())
+            if coverage is not None:
+                coverage[i] = coverage[i] * (1 - m) + m
         # Visible area of earlier objects shrinks where later ones cover them.
         if len(spec.objects) > 1:
             areas[i] = _visible_areas(spec, sprites, i, h, w)
@@ -221,6 +226,8 @@ def render_clip(spec: ClipSpec) -> tuple[np.ndarray, dict]:
         "fps": spec.fps,
         "spec": _spec_json(spec),
     }
+    if coverage is not None:
+        meta["object_masks"] = coverage
     return frames, meta
 
 
