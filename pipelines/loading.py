@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from families import Family, ModelFolderError, detect_family, noise_level_from_timestep
+from pipelines.transformers_compat import prefer_pil_image_processor
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OFFLOAD_MODES = ("none", "model", "sequential")
@@ -190,6 +191,8 @@ class I2VModel:
         return fingerprint_state(self.denoiser.state_dict())
 
 
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -214,6 +217,7 @@ def load_model(
         ``families.ModelFolderError`` (or its subclasses ``UnsupportedFamilyError``,
         ``ModelLoadError``) naming the folder or file; ``ValueError`` for bad arguments.
     """
+    prefer_pil_image_processor()  # before diffusers looks the name up
     from diffusers import CogVideoXImageToVideoPipeline, StableVideoDiffusionPipeline
 
     if dtype not in DTYPES:

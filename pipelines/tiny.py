@@ -152,6 +152,9 @@ def build_tiny_model(folder: str | os.PathLike, family: str = "cogvideox-i2v", s
         The folder path (str).
     """
     import torch
+    from pipelines.transformers_compat import prefer_pil_image_processor
+
+    prefer_pil_image_processor()  # before diffusers looks the name up
     from diffusers import CogVideoXImageToVideoPipeline, StableVideoDiffusionPipeline
 
     if family not in TINY_FAMILIES:

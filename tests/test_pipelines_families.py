@@ -167,3 +167,19 @@ def test_fingerprint_matches_merging(models, tiny_model_dir):
     path = os.path.join(tiny_model_dir("cogvideox-i2v"), "transformer", "diffusion_pytorch_model.safetensors")
     assert fp_mod.same_weights(fp, fp_mod.fingerprint_checkpoint(path))
     assert not fp_mod.same_weights(fp, models["cogvideox1.5-i2v"].fingerprint())
+
+
+def test_loading_svd_without_torchvision_prints_no_fallback_warning(tiny_model_dir):
+    """transformers warns on every fresh process that CLIPImageProcessor falls back to the PIL
+    version; the loader binds that class up front, so a fresh process loads SVD quietly."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; from pipelines import load_model; m = load_model(sys.argv[1]); "
+            "print(type(m.pipeline.feature_extractor).__name__)")
+    r = subprocess.run([sys.executable, "-c", code, tiny_model_dir("svd")], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "CLIPImageProcessorPil"
+    assert "torchvision" not in r.stderr, r.stderr

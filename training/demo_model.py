@@ -183,6 +183,9 @@ def save_pipeline_atomic(pipe: Any, folder: str | os.PathLike) -> str:
 
 def build_demo_pipeline(cfg: DemoModelConfig = DemoModelConfig(), seed: int = 0) -> Any:
     """The untrained demo ``StableVideoDiffusionPipeline`` (in memory), weights from ``seed``."""
+    from pipelines.transformers_compat import prefer_pil_image_processor
+
+    prefer_pil_image_processor()  # before diffusers looks the name up
     from diffusers import StableVideoDiffusionPipeline
 
     with torch.random.fork_rng(devices=[]):
