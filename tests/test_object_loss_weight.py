@@ -92,3 +92,29 @@ def test_train_demo_cli_refuses_a_negative_object_weight(tmp_path, capsys):
     assert main(["--out", str(out), "--object-weight", "-1", "--no-progress"]) == 2
     assert "--object-weight -1.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_camera_score_range_is_a_stage2_setting():
+    """--max-camera-score widens the camera scores drawn; the clips' looks and object scores stay,
+    and the autoencoder trains on the unchanged clips (its config ignores stage-2 fields)."""
+    from training.train_demo import DemoTrainConfig
+
+    wide = DemoDataConfig(max_camera_score=10.0, object_weight=2.0)
+    a, b = DemoClipDataset(40, seed=2, cfg=DemoDataConfig()), DemoClipDataset(40, seed=2, cfg=wide)
+    np.testing.assert_array_equal(a.scores[:, 0], b.scores[:, 0])
+    moving = a.scores[:, 1] > 1
+    assert (b.scores[moving, 1] > a.scores[moving, 1]).all() and b.scores[:, 1].max() <= 10.0
+    np.testing.assert_array_equal(a.scores[~moving, 1], b.scores[~moving, 1])
+    assert wide.for_autoencoder() == DemoDataConfig()
+    old, new = DemoTrainConfig(out="x"), DemoTrainConfig(out="x", data=wide)
+    assert old.stage_config("vae") == new.stage_config("vae")
+    assert old.stage_config("motion") != new.stage_config("motion")
+
+
+def test_train_demo_cli_refuses_a_camera_score_range_off_the_scale(tmp_path, capsys):
+    from training.train_demo import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--max-camera-score", "12", "--no-progress"]) == 2
+    assert "--max-camera-score 12.0" in capsys.readouterr().err
+    assert not out.exists()

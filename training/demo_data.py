@@ -19,7 +19,7 @@ estimator would report as that score. Clips are rendered by ``training.synth_mot
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -42,9 +42,13 @@ class DemoDataConfig:
     height: int = 32
     width: int = 32
     fps: float = 7.0  # SVD's default conditioning fps, so sampling and training agree
-    #: scores are drawn uniformly in [1, max_score] per axis; the top of the scale moves a 32-px
+    #: object scores are drawn uniformly in [1, max_score]; the top of the scale moves a 32-px
     #: object out of the frame within a few frames, so it is left out of training.
     max_score: float = 9.0
+    #: camera scores are drawn uniformly in [1, max_camera_score] (None: ``max_score``). A pan
+    #: never leaves the (endless) background, and a request at the very edge of what training
+    #: saw is undershot.
+    max_camera_score: Optional[float] = None
     #: probability that an axis is exactly still (score 1)
     still_prob: float = 0.2
     #: object side as a fraction of min(height, width)
@@ -59,10 +63,17 @@ class DemoDataConfig:
     #: panning background the rest, so without it the loss barely sees the object's own motion.
     object_weight: float = 0.0
 
+    #: fields that only shape stage 2 (the UNet's data), not what the autoencoder sees
+    STAGE2_FIELDS = ("object_weight", "max_camera_score")
+
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["object_size"] = list(self.object_size)
         return d
+
+    def for_autoencoder(self) -> "DemoDataConfig":
+        """These settings without the stage-2 ones: the clips the autoencoder trains on."""
+        return replace(self, object_weight=0.0, max_camera_score=None)
 
 
 def speed_for_score(score: float) -> float:
@@ -89,10 +100,12 @@ def demo_spec(rng: np.random.Generator, cfg: DemoDataConfig, object_score: float
                     objects=objects, noise=cfg.noise, seed=int(rng.integers(0, 2**31 - 1)))
 
 
-def draw_score(rng: np.random.Generator, cfg: DemoDataConfig) -> float:
+def draw_score(rng: np.random.Generator, cfg: DemoDataConfig, top: Optional[float] = None) -> float:
+    """A training score: exactly 1 (still) with ``cfg.still_prob``, else uniform in [1, top]
+    (default ``cfg.max_score``); ``top`` changes the value drawn, never the draws made."""
     if rng.uniform() < cfg.still_prob:
         return 1.0
-    return float(rng.uniform(1.0, cfg.max_score))
+    return float(rng.uniform(1.0, cfg.max_score if top is None else top))
 
 
 def demo_clip(seed: int, index: int, cfg: DemoDataConfig = DemoDataConfig(),
@@ -106,7 +119,7 @@ def demo_clip(seed: int, index: int, cfg: DemoDataConfig = DemoDataConfig(),
     (``[T,H,W] float32`` object coverage, see ``render_clip``).
     """
     rng = np.random.default_rng([int(seed), 0xD3, int(index)])
-    o, c = draw_score(rng, cfg), draw_score(rng, cfg)
+    o, c = draw_score(rng, cfg), draw_score(rng, cfg, cfg.max_camera_score)
     o = o if object_score is None else float(object_score)
     c = c if camera_score is None else float(camera_score)
     frames, meta = render_clip(demo_spec(rng, cfg, o, c), masks=masks)

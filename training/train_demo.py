@@ -71,7 +71,7 @@ class DemoTrainConfig:
         """What shapes a stage's trajectory (a resume with other values is refused)."""
         common = {"seed": self.seed, "model": self.model.to_json(), "data": self.data.to_json(), "clips": self.clips}
         if stage == "vae":
-            data = {k: v for k, v in common["data"].items() if k != "object_weight"}  # a stage-2 loss setting
+            data = {k: v for k, v in common["data"].items() if k not in DemoDataConfig.STAGE2_FIELDS}
             return {**common, "data": data, "vae_batch": self.vae_batch, "vae_loss": "mse_of_mean"}
         return {**common, "batch": self.batch, "embedder_lr": self.embedder_lr}
 
@@ -245,13 +245,16 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
+    # Stage-2 data settings (score range, loss weights) do not change the autoencoder's clips.
+    ae_data = cfg.data.for_autoencoder()
     data = DemoClipDataset(cfg.clips, cfg.seed, cfg.data, progress=cfg.progress)
     summary: dict[str, Any] = {"config": {**asdict(cfg), "model": cfg.model.to_json(), "data": cfg.data.to_json()}}
 
     base = os.path.join(cfg.out, "vae", "model")
     if not os.path.isfile(os.path.join(base, "model_index.json")):
         pipe = build_demo_pipeline(cfg.model, cfg.seed)
-        task, rcfg = _vae_task(cfg, pipe, data)
+        same = ae_data == cfg.data
+        task, rcfg = _vae_task(cfg, pipe, data if same else DemoClipDataset(cfg.clips, cfg.seed, ae_data))
         res = run(task, rcfg, log=log)
         summary["vae"] = {"status": res.status, "step": res.step, "final_loss": _last_loss(res.report)}
         if res.status != "completed":
@@ -310,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--frames", type=int, default=d.data.frames)
     p.add_argument("--size", type=int, default=d.data.height, help="pixel side of the square clips")
+    p.add_argument("--max-camera-score", type=float, default=d.data.max_camera_score,
+                   help="stage 2: camera scores are drawn in [1, this] (default: the object range's top, 9)")
     p.add_argument("--object-weight", type=float, default=d.data.object_weight,
                    help="stage 2: extra loss weight on the object's pixels (1 + w * coverage, mean-normalised)")
     p.add_argument("--vae-channels", default=",".join(map(str, d.model.vae_channels)),
@@ -324,7 +329,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (a.object_weight >= 0):
         print(f"error: --object-weight {a.object_weight}: expected a number >= 0", file=sys.stderr)
         return 2
-    data = DemoDataConfig(frames=a.frames, height=a.size, width=a.size, object_weight=a.object_weight)
+    if a.max_camera_score is not None and not (1.0 < a.max_camera_score <= 10.0):
+        print(f"error: --max-camera-score {a.max_camera_score}: expected a score in (1, 10]", file=sys.stderr)
+        return 2
+    data = DemoDataConfig(frames=a.frames, height=a.size, width=a.size, object_weight=a.object_weight,
+                          max_camera_score=a.max_camera_score)
     try:
         vae_channels = tuple(int(c) for c in a.vae_channels.split(","))
     except ValueError:
