@@ -191,8 +191,6 @@ class I2VModel:
         return fingerprint_state(self.denoiser.state_dict())
 
 
-
-
 def load_model(
     path: str | os.PathLike,
     *,

@@ -19,7 +19,7 @@ estimator would report as that score. Clips are rendered by ``training.synth_mot
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -72,8 +72,9 @@ class DemoDataConfig:
         return d
 
     def for_autoencoder(self) -> "DemoDataConfig":
-        """These settings without the stage-2 ones: the clips the autoencoder trains on."""
-        return replace(self, object_weight=0.0, max_camera_score=None)
+        """These settings with the stage-2 ones at their defaults: the clips the autoencoder trains on."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.STAGE2_FIELDS}
+        return replace(self, **defaults)
 
 
 def speed_for_score(score: float) -> float:

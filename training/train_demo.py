@@ -253,8 +253,8 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
     base = os.path.join(cfg.out, "vae", "model")
     if not os.path.isfile(os.path.join(base, "model_index.json")):
         pipe = build_demo_pipeline(cfg.model, cfg.seed)
-        same = ae_data == cfg.data
-        task, rcfg = _vae_task(cfg, pipe, data if same else DemoClipDataset(cfg.clips, cfg.seed, ae_data))
+        ae_clips = data if ae_data == cfg.data else DemoClipDataset(cfg.clips, cfg.seed, ae_data)
+        task, rcfg = _vae_task(cfg, pipe, ae_clips)
         res = run(task, rcfg, log=log)
         summary["vae"] = {"status": res.status, "step": res.step, "final_loss": _last_loss(res.report)}
         if res.status != "completed":
