@@ -141,3 +141,60 @@ def test_train_demo_cli_refuses_bad_vae_channels(tmp_path, capsys):
     assert main(["--out", str(out), "--vae-channels", "64,abc", "--no-progress"]) == 2
     assert "--vae-channels '64,abc'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_refine_stage_continues_stage_two_with_fast_pans_in_every_batch(tmp_path):
+    """Stage 3 starts from stage 2's exported weights (DIR/motion/result), draws its share of
+    fast-pan clips into every batch, writes the final DIR/model, and a re-run resumes in stage 3."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from motion.embedding import load_motion_embedder
+    from pipelines import load_model
+    from training.train_demo import FAST_CAMERA, DemoTrainConfig, _motion_task, train_demo
+
+    def cfg(refine_steps):
+        return DemoTrainConfig(out=str(tmp_path / "run"), seed=0, model=TINY_MODEL, data=TINY_DATA, clips=16,
+                               vae_steps=1, vae_batch=1, steps=1, batch=4, warmup_steps=1, checkpoint_every=1,
+                               eval_every=0, vae_check_seeds=0, progress=False, refine_steps=refine_steps,
+                               refine_fast_share=0.5)
+
+    s = train_demo(cfg(1), log=lambda *_: None)
+    assert s["status"] == "completed" and s["stage"] == "demo_refine" and s["step"] == 1
+    run = tmp_path / "run"
+    unet = os.path.join("model", "unet", "diffusion_pytorch_model.safetensors")
+    stage2, final = load_file(run / "motion" / "result" / unet), load_file(run / unet)
+    assert stage2.keys() == final.keys() and any(not torch.equal(stage2[k], final[k]) for k in stage2)
+    model = load_model(s["files"]["model"])
+    load_motion_embedder(s["files"]["embedder"], model)  # fingerprinted for the refined UNet
+    report = json.load(open(run / "refine" / "report.json"))
+    assert report["config"]["task"]["fast_share"] == 0.5 and report["config"]["task"]["after_steps"] == 1
+
+    # Every refine batch holds round(0.5 * 4) = 2 fast-pan clips at least; stage 2 draws uniformly.
+    from training.demo_data import DemoClipDataset
+
+    data = DemoClipDataset(16, 0, TINY_DATA)
+    assert (data.scores[:, 1] >= FAST_CAMERA).sum() < 8  # so a uniform draw would often miss them
+    task = _motion_task(cfg(1), s["files"]["model"], data, stage="refine", embedder_file=s["files"]["embedder"])[0]
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        assert int((task.batch_fn(SimpleNamespace(rng=rng))["camera"] >= FAST_CAMERA).sum()) >= 2
+
+    # More refine steps: stage 2 is not run again, stage 3 resumes from its checkpoint at step 1.
+    s2 = train_demo(cfg(2), log=lambda *_: None)
+    assert s2["status"] == "completed" and s2["step"] == 2
+    assert json.load(open(run / "motion" / "report.json"))["steps_done"] == 1
+    assert [sess["started_at_step"] for sess in json.load(open(run / "refine" / "report.json"))["sessions"]][-1] == 1
+
+
+def test_train_demo_cli_refuses_bad_refine_settings(tmp_path, capsys):
+    from training.train_demo import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--refine-steps", "10", "--refine-fast-share", "1.5", "--no-progress"]) == 2
+    assert "--refine-fast-share 1.5" in capsys.readouterr().err
+    assert main(["--out", str(out), "--refine-steps", "-1", "--no-progress"]) == 2
+    assert "--refine-steps -1" in capsys.readouterr().err
+    assert not out.exists()

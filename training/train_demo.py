@@ -36,6 +36,9 @@ from training.demo_model import (DemoModelConfig, build_demo_pipeline, fix_poste
                                  temporal_decoder_parameters)
 
 EMBEDDER_FILE = "motion_embedder.safetensors"
+#: Camera score from which a clip counts as a fast pan for ``refine_fast_share`` (score 7 is
+#: ~1 px/frame at 32 px, the fastest pan the stage-2 model renders at its requested speed).
+FAST_CAMERA = 7.0
 
 
 @dataclass
@@ -63,6 +66,13 @@ class DemoTrainConfig:
     eval_every: int = 500
     eval_images: int = 2
     eval_steps: int = 10
+    #: stage 3 (``refine``, off at 0): continue the stage-2 weights for this many steps with a
+    #: fresh optimiser (warm-up, cosine from ``refine_lr``), a share of every batch drawn from
+    #: fast-pan clips (camera score >= ``FAST_CAMERA``); see docs/demo_model.md
+    refine_steps: int = 0
+    refine_lr: float = 3e-4
+    refine_embedder_lr: float = 6e-4
+    refine_fast_share: float = 0.0
     minutes: Optional[float] = None
     threads: Optional[int] = None
     progress: bool = True
@@ -73,6 +83,9 @@ class DemoTrainConfig:
         if stage == "vae":
             data = {k: v for k, v in common["data"].items() if k not in DemoDataConfig.STAGE2_FIELDS}
             return {**common, "data": data, "vae_batch": self.vae_batch, "vae_loss": "mse_of_mean"}
+        if stage == "refine":
+            return {**common, "batch": self.batch, "embedder_lr": self.refine_embedder_lr,
+                    "fast_share": self.refine_fast_share, "fast_camera": FAST_CAMERA, "after_steps": self.steps}
         return {**common, "batch": self.batch, "embedder_lr": self.embedder_lr}
 
 
@@ -150,27 +163,41 @@ def vae_motion_ceiling(vae: nn.Module, data_cfg: DemoDataConfig, seed: int, seed
     return control_metrics(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
 
 
-# -- stage 2: the motion-conditioned UNet ------------------------------------------------------
-def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset):
-    from motion.embedding import MotionScoreEmbedding
+# -- stages 2 and 3: the motion-conditioned UNet ---------------------------------------------
+def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset, stage: str = "motion",
+                 embedder_file: Optional[str] = None, export_dir: Optional[str] = None):
+    """The runner task of stage 2 (``stage="motion"``: a fresh embedder on ``base_folder``'s UNet)
+    or stage 3 (``"refine"``: ``base_folder`` is stage 2's model and ``embedder_file`` its
+    embedder). The trained weights are exported to ``export_dir`` (default ``cfg.out``)."""
+    from motion.embedding import MotionScoreEmbedding, load_motion_embedder
     from pipelines import load_model
     from training.diffusion_loss import SVDObjective
     from training.motion_data import collate
     from training.runner import RunnerConfig, TrainTask
     from training.train_motion import MotionTrainModule
 
+    refine = stage == "refine"
     model = load_model(base_folder)
     for comp in (model.vae, model.image_encoder):
         comp.requires_grad_(False).eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        embedder = MotionScoreEmbedding(model.time_embed_dim, family="svd")
+    if embedder_file is not None:
+        embedder = load_motion_embedder(embedder_file, model)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            embedder = MotionScoreEmbedding(model.time_embed_dim, family="svd")
     objective = SVDObjective(model, fps=int(round(cfg.data.fps)), cache_encodings=True)
     module = MotionTrainModule(objective, model.denoiser, embedder)
     eval_images = None
+    n_fast = int(round(cfg.refine_fast_share * cfg.batch)) if refine else 0
+    fast = np.flatnonzero(data.scores[:, 1] >= FAST_CAMERA)
+    if n_fast and not len(fast):
+        raise ValueError(f"refine_fast_share {cfg.refine_fast_share}: no clip has camera score >= {FAST_CAMERA}")
 
     def batch_fn(ctx: Any) -> dict:
-        idx = ctx.rng.integers(0, len(data), size=cfg.batch)
+        idx = list(ctx.rng.integers(0, len(data), size=cfg.batch - n_fast))
+        if n_fast:
+            idx += list(fast[ctx.rng.integers(0, len(fast), size=n_fast)])
         batch = collate([data[int(i)] for i in idx])
         batch["seed"] = int(ctx.rng.integers(0, 2**62))
         return batch
@@ -192,31 +219,34 @@ def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset):
         return {k: v for k, v in res.metrics().items()}
 
     def save_fn(m: nn.Module, out_dir: str) -> dict[str, str]:
-        return export(cfg, model, m.embedder)
+        return export(cfg, model, m.embedder, export_dir)
 
-    task = TrainTask(name="demo_motion", model=module, batch_fn=batch_fn, loss_fn=loss_fn,
+    lr, emb_lr = (cfg.refine_lr, cfg.refine_embedder_lr) if refine else (cfg.lr, cfg.embedder_lr)
+    task = TrainTask(name=f"demo_{stage}", model=module, batch_fn=batch_fn, loss_fn=loss_fn,
                      trainable=lambda n, p: n.startswith(("embedder.", "denoiser.")),
                      eval_fn=eval_fn if cfg.eval_every else None, save_fn=save_fn,
-                     config=cfg.stage_config("motion"),
+                     config=cfg.stage_config(stage),
                      param_groups=lambda named: [
-                         {"params": [p for n, p in named.items() if n.startswith("embedder.")], "lr": cfg.embedder_lr},
-                         {"params": [p for n, p in named.items() if not n.startswith("embedder.")], "lr": cfg.lr}])
-    rcfg = RunnerConfig(out_dir=os.path.join(cfg.out, "motion"), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                        warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
-                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, progress=cfg.progress)
+                         {"params": [p for n, p in named.items() if n.startswith("embedder.")], "lr": emb_lr},
+                         {"params": [p for n, p in named.items() if not n.startswith("embedder.")], "lr": lr}])
+    rcfg = RunnerConfig(out_dir=os.path.join(cfg.out, stage), steps=cfg.refine_steps if refine else cfg.steps, lr=lr,
+                        seed=cfg.seed + (2 if refine else 0), warmup_steps=cfg.warmup_steps,
+                        lr_schedule=cfg.lr_schedule, checkpoint_every=cfg.checkpoint_every,
+                        eval_every=cfg.eval_every, progress=cfg.progress)
     return task, rcfg, model, module
 
 
-def export(cfg: DemoTrainConfig, model: Any, embedder: nn.Module) -> dict[str, str]:
+def export(cfg: DemoTrainConfig, model: Any, embedder: nn.Module, out: Optional[str] = None) -> dict[str, str]:
     """Write ``out/model`` (the trained diffusers folder) and ``out/motion_embedder.safetensors``
-    (its base fingerprint is the trained UNet's)."""
+    (its base fingerprint is the trained UNet's); ``out`` defaults to ``cfg.out``."""
     from merging.fingerprint import fingerprint_state
     from motion.embedding import save_motion_embedder
 
-    folder = save_pipeline_atomic(model.pipeline, os.path.join(cfg.out, "model"))
+    out = cfg.out if out is None else out
+    folder = save_pipeline_atomic(model.pipeline, os.path.join(out, "model"))
     embedder.base_fingerprint = fingerprint_state(model.denoiser.state_dict())
     embedder.family = "svd"
-    path = save_motion_embedder(embedder, os.path.join(cfg.out, EMBEDDER_FILE),
+    path = save_motion_embedder(embedder, os.path.join(out, EMBEDDER_FILE),
                                 extra={"trained_by": "training.train_demo", "frames": cfg.data.frames,
                                        "height": cfg.data.height, "width": cfg.data.width, "fps": cfg.data.fps})
     return {"model": folder, "embedder": path}
@@ -251,7 +281,11 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
     summary: dict[str, Any] = {"config": {**asdict(cfg), "model": cfg.model.to_json(), "data": cfg.data.to_json()}}
 
     base = os.path.join(cfg.out, "vae", "model")
-    if not os.path.isfile(os.path.join(base, "model_index.json")):
+    # With a stage 3, stage 2's weights go to DIR/motion/result (stage 3's base) and only the
+    # last stage writes DIR/model; a stage that was cut short by --minutes exports to DIR/model.
+    stage2_out = os.path.join(cfg.out, "motion", "result") if cfg.refine_steps else cfg.out
+    stage2_done = bool(cfg.refine_steps) and _exported(stage2_out)  # a re-run resumes in stage 3
+    if not stage2_done and not os.path.isfile(os.path.join(base, "model_index.json")):
         pipe = build_demo_pipeline(cfg.model, cfg.seed)
         ae_clips = data if ae_data == cfg.data else DemoClipDataset(cfg.clips, cfg.seed, ae_data)
         task, rcfg = _vae_task(cfg, pipe, ae_clips)
@@ -270,16 +304,31 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
             log(f"warning: motion seen through the VAE fails the control targets ({_fmt(ceiling)}); "
                 "train the autoencoder longer (--vae-steps) before trusting stage 2")
     deadline = _Deadline(cfg.minutes)
-    task, rcfg, model, module = _motion_task(cfg, base, data)
-    res = run(task, rcfg, log=log, callback=deadline)
+    if stage2_done:
+        res2 = None
+    else:
+        task, rcfg, model, module = _motion_task(cfg, base, data, export_dir=stage2_out)
+        res2 = res = run(task, rcfg, log=log, callback=deadline)
+    if cfg.refine_steps and (res2 is None or res2.status == "completed"):
+        if res2 is not None:
+            summary["motion"] = {"status": res2.status, "step": res2.step, "final_loss": _last_loss(res2.report),
+                                 "evals": res2.report.get("eval_history")}
+        task, rcfg, model, module = _motion_task(cfg, os.path.join(stage2_out, "model"), data, stage="refine",
+                                                 embedder_file=os.path.join(stage2_out, EMBEDDER_FILE))
+        res = run(task, rcfg, log=log, callback=deadline)
     files = dict(res.report.get("files") or {})
     if res.status != "completed" and deadline.hit:
         files = export(cfg, model, module.embedder)  # the weights of the last completed step
     summary.update(status=res.status if not deadline.hit else "stopped_by_minutes", step=res.step,
-                   steps=cfg.steps, files=files, final_loss=_last_loss(res.report),
+                   steps=rcfg.steps, stage=task.name, files=files, final_loss=_last_loss(res.report),
                    evals=res.report.get("eval_history"), wall_s=time.perf_counter() - t0)
     atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
+
+
+def _exported(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "model", "model_index.json")) and \
+        os.path.isfile(os.path.join(folder, EMBEDDER_FILE))
 
 
 def _fmt(m: dict) -> str:
@@ -309,7 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="controllability check every N steps (0: off)")
-    p.add_argument("--minutes", type=float, default=None, help="stop stage 2 after this many minutes and export")
+    p.add_argument("--refine-steps", type=int, default=d.refine_steps,
+                   help="stage 3: continue stage 2's weights for this many steps (0: no stage 3)")
+    p.add_argument("--refine-lr", type=float, default=d.refine_lr, help="stage 3 UNet learning rate")
+    p.add_argument("--refine-embedder-lr", type=float, default=d.refine_embedder_lr)
+    p.add_argument("--refine-fast-share", type=float, default=d.refine_fast_share,
+                   help=f"stage 3: share of every batch drawn from clips with camera score >= {FAST_CAMERA:g}")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop training (stage 2 or 3) after this many minutes and export")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--frames", type=int, default=d.data.frames)
     p.add_argument("--size", type=int, default=d.data.height, help="pixel side of the square clips")
@@ -329,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (a.object_weight >= 0):
         print(f"error: --object-weight {a.object_weight}: expected a number >= 0", file=sys.stderr)
         return 2
+    if not (0.0 <= a.refine_fast_share <= 1.0):
+        print(f"error: --refine-fast-share {a.refine_fast_share}: expected a share in [0, 1]", file=sys.stderr)
+        return 2
+    if a.refine_steps < 0:
+        print(f"error: --refine-steps {a.refine_steps}: expected a number of steps >= 0", file=sys.stderr)
+        return 2
     if a.max_camera_score is not None and not (1.0 < a.max_camera_score <= 10.0):
         print(f"error: --max-camera-score {a.max_camera_score}: expected a score in (1, 10]", file=sys.stderr)
         return 2
@@ -343,6 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = DemoTrainConfig(out=a.out, seed=a.seed, model=mcfg, data=data, clips=a.clips, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_check_seeds=a.vae_check_seeds,
                           steps=a.steps, batch=a.batch, lr=a.lr, embedder_lr=a.embedder_lr, warmup_steps=a.warmup_steps,
                           checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, minutes=a.minutes,
+                          refine_steps=a.refine_steps, refine_lr=a.refine_lr, refine_embedder_lr=a.refine_embedder_lr,
+                          refine_fast_share=a.refine_fast_share,
                           threads=a.threads, progress=not a.no_progress)
     try:
         s = train_demo(cfg)
