@@ -7,8 +7,9 @@ It is a genuine member of the ``svd`` family (``StableVideoDiffusionPipeline`` w
 
 * **UNet**: two levels (32, 64 channels), one layer per level, *no cross-attention down/up
   blocks* (``DownBlockSpatioTemporal`` / ``UpBlockSpatioTemporal``): convolutions shift content
-  naturally, attention over 1,024 pixels would dominate a CPU step. The mid block (16x16) keeps
-  SVD's spatial+temporal transformer. ``time_embed_dim`` = 4 x 32 = 128.
+  naturally, attention over 1,024 pixels would dominate a CPU step. The mid block (8x8: the
+  second level halves the 16x16 latents) keeps SVD's spatial+temporal transformer.
+  ``time_embed_dim`` = 4 x 32 = 128.
 * **VAE**: two levels, **2x spatial downsampling** and 8 latent channels (latents are
   8 x 16 x 16 for a 32 x 32 clip: only 1.5x fewer numbers than pixels, so it can be nearly
   lossless), trained briefly as a plain autoencoder by ``training.train_demo`` (stage "vae") so

@@ -1,21 +1,24 @@
 """Train the demo model from scratch: ``python -m training.train_demo --out DIR --seed 0``.
 
-Two stages on the shared runner (``training.runner``: progress, checkpoints, resume after a
-kill by running the same command again, ``report.json`` per stage):
+Up to three stages on the shared runner (``training.runner``: progress, checkpoints, resume after
+a kill by running the same command again, ``report.json`` per stage):
 
 1. ``vae``: the demo VAE (``training.demo_model``) as a plain autoencoder on demo frames
-   (MSE + a tiny KL term), then its ``scaling_factor`` = 1 / std of the latents. Writes
-   ``DIR/vae/model`` (the whole SVD folder with a random UNet): the base of stage 2.
+   (MSE of the decoded posterior mean), then its ``scaling_factor`` = 1 / std of the latents.
+   Writes ``DIR/vae/model`` (the whole SVD folder with a random UNet): the base of stage 2.
 2. ``motion``: the UNet (all of it) and a decoupled ``motion.embedding.MotionScoreEmbedding``
    together, with SVD's own EDM loss (``training.diffusion_loss.SVDObjective``) on demo clips
    (``training.demo_data``: fixed directions, requested scores). Optional periodic
    controllability checks (``training.demo_control``) go into the report's evals.
+3. ``refine`` (``refine_steps > 0``): stage 2's exported weights (``DIR/motion/result``)
+   trained on with a fresh warm-up and cosine schedule, a share of every batch drawn from
+   fast-pan clips (camera score >= ``FAST_CAMERA``), which stage 2's uniform draw leaves rare.
 
 Outputs: ``DIR/model`` (diffusers folder, loads with ``pipelines.load_model``) and
 ``DIR/motion_embedder.safetensors`` (fingerprinted for ``DIR/model``), plus ``DIR/summary.json``.
 Everything is a pure function of ``--seed`` and the settings (same machine and thread count:
-bit-identical). ``--minutes M`` stops stage 2 after M minutes of this session and exports what
-was trained so far (re-run without it, or with more, to continue from the checkpoint).
+bit-identical). ``--minutes M`` stops training (stage 2 or 3) after M minutes of this session and
+exports what was trained so far (re-run without it, or with more, to continue from the checkpoint).
 """
 from __future__ import annotations
 
@@ -266,7 +269,8 @@ class _Deadline:
 
 
 def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
-    """Run both stages (each resumes from its checkpoints). Returns the summary dict (also
+    """Run the stages (each resumes from its checkpoints; a finished stage 2 is not re-run
+    when a stage 3 follows). Returns the summary dict (also
     written to ``out/summary.json``)."""
     from training.checkpoint import atomic_write_json
     from training.runner import run
