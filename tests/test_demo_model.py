@@ -145,8 +145,9 @@ def test_train_demo_cli_refuses_bad_vae_channels(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_refine_stage_continues_stage_two_with_fast_pans_in_every_batch(tmp_path):
-    """Stage 3 starts from stage 2's exported weights (DIR/motion/result), draws its share of
-    fast-pan clips into every batch, writes the final DIR/model, and a re-run resumes in stage 3."""
+    """Stage 3 starts from stage 2's exported weights (DIR/motion/result), draws its shares of
+    fast-pan and both-fast clips into every batch, writes the final DIR/model, and a re-run resumes in stage 3."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from safetensors.torch import load_file
@@ -159,7 +160,7 @@ def test_refine_stage_continues_stage_two_with_fast_pans_in_every_batch(tmp_path
         return DemoTrainConfig(out=str(tmp_path / "run"), seed=0, model=TINY_MODEL, data=TINY_DATA, clips=16,
                                vae_steps=1, vae_batch=1, steps=1, batch=4, warmup_steps=1, checkpoint_every=1,
                                eval_every=0, vae_check_seeds=0, progress=False, refine_steps=refine_steps,
-                               refine_fast_share=0.5)
+                               refine_fast_share=0.5, refine_both_fast_share=0.25)
 
     s = train_demo(cfg(1), log=lambda *_: None)
     assert s["status"] == "completed" and s["stage"] == "demo_refine" and s["step"] == 1
@@ -170,17 +171,25 @@ def test_refine_stage_continues_stage_two_with_fast_pans_in_every_batch(tmp_path
     model = load_model(s["files"]["model"])
     load_motion_embedder(s["files"]["embedder"], model)  # fingerprinted for the refined UNet
     report = json.load(open(run / "refine" / "report.json"))
-    assert report["config"]["task"]["fast_share"] == 0.5 and report["config"]["task"]["after_steps"] == 1
+    assert report["config"]["task"]["fast_share"] == 0.5 and report["config"]["task"]["both_fast_share"] == 0.25
+    assert report["config"]["task"]["after_steps"] == 1
 
-    # Every refine batch holds round(0.5 * 4) = 2 fast-pan clips at least; stage 2 draws uniformly.
+    # Every refine batch of 4 holds round(0.5 * 4) = 2 fast-pan clips plus round(0.25 * 4) = 1
+    # clip where both axes are fast, at least; stage 2 draws uniformly.
     from training.demo_data import DemoClipDataset
 
     data = DemoClipDataset(16, 0, TINY_DATA)
-    assert (data.scores[:, 1] >= FAST_CAMERA).sum() < 8  # so a uniform draw would often miss them
+    fast_pan = data.scores[:, 1] >= FAST_CAMERA
+    assert fast_pan.sum() < 8 and (fast_pan & (data.scores[:, 0] >= FAST_CAMERA)).sum() == 1  # rare in a uniform draw
     task = _motion_task(cfg(1), s["files"]["model"], data, stage="refine", embedder_file=s["files"]["embedder"])[0]
     rng = np.random.default_rng(5)
     for _ in range(20):
-        assert int((task.batch_fn(SimpleNamespace(rng=rng))["camera"] >= FAST_CAMERA).sum()) >= 2
+        b = task.batch_fn(SimpleNamespace(rng=rng))
+        assert int((b["camera"] >= FAST_CAMERA).sum()) >= 3
+        assert int(((b["camera"] >= FAST_CAMERA) & (b["object"] >= FAST_CAMERA)).sum()) >= 1
+    with pytest.raises(ValueError, match="more than a whole batch"):
+        _motion_task(replace(cfg(1), refine_both_fast_share=0.75), s["files"]["model"], data, stage="refine",
+                     embedder_file=s["files"]["embedder"])
 
     # More refine steps: stage 2 is not run again, stage 3 resumes from its checkpoint at step 1.
     s2 = train_demo(cfg(2), log=lambda *_: None)
@@ -197,4 +206,7 @@ def test_train_demo_cli_refuses_bad_refine_settings(tmp_path, capsys):
     assert "--refine-fast-share 1.5" in capsys.readouterr().err
     assert main(["--out", str(out), "--refine-steps", "-1", "--no-progress"]) == 2
     assert "--refine-steps -1" in capsys.readouterr().err
+    assert main(["--out", str(out), "--refine-steps", "10", "--refine-fast-share", "0.75",
+                 "--refine-both-fast-share", "0.5", "--no-progress"]) == 2
+    assert "add up to more than a whole batch" in capsys.readouterr().err
     assert not out.exists()
