@@ -48,7 +48,7 @@ def test_train_demo_exports_loadable_files_and_resumes(tmp_path):
     def cfg(steps):
         return DemoTrainConfig(out=str(tmp_path / "run"), seed=0, model=TINY_MODEL, data=TINY_DATA, clips=4,
                                vae_steps=2, vae_batch=1, steps=steps, batch=1, warmup_steps=1,
-                               checkpoint_every=1, eval_every=0, vae_check_seeds=0, progress=False)
+                               checkpoint_every=1, eval_every=0, vae_check_seeds=0, progress=False, refine_steps=0)
 
     s1 = train_demo(cfg(2), log=lambda *_: None)
     assert s1["status"] == "completed" and s1["step"] == 2

@@ -71,11 +71,12 @@ class DemoTrainConfig:
     eval_steps: int = 10
     #: stage 3 (``refine``, off at 0): continue the stage-2 weights for this many steps with a
     #: fresh optimiser (warm-up, cosine from ``refine_lr``), a share of every batch drawn from
-    #: fast-pan clips (camera score >= ``FAST_CAMERA``); see docs/demo_model.md
-    refine_steps: int = 0
+    #: fast-pan clips (camera score >= ``FAST_CAMERA``). Without it the model renders camera 9
+    #: like camera 7 and loses the object dial there (session 4 in docs/demo_model.md).
+    refine_steps: int = 2500
     refine_lr: float = 3e-4
     refine_embedder_lr: float = 6e-4
-    refine_fast_share: float = 0.0
+    refine_fast_share: float = 0.75
     #: stage 3: a further share of every batch from clips where the object is fast too (both
     #: scores >= ``FAST_CAMERA``): the fastest on-screen motion, ~4 % of uniform draws
     refine_both_fast_share: float = 0.0
