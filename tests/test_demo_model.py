@@ -196,6 +196,9 @@ def test_refine_stage_continues_stage_two_with_fast_pans_in_every_batch(tmp_path
     assert s2["status"] == "completed" and s2["step"] == 2
     assert json.load(open(run / "motion" / "report.json"))["steps_done"] == 1
     assert [sess["started_at_step"] for sess in json.load(open(run / "refine" / "report.json"))["sessions"]][-1] == 1
+    # Other stage-2 settings: the finished stage 2 is not silently reused.
+    with pytest.raises(ValueError, match="other stage-2 settings .*batch"):
+        train_demo(replace(cfg(2), batch=2), log=lambda *_: None)
 
 
 def test_train_demo_cli_refuses_bad_refine_settings(tmp_path, capsys):

@@ -302,6 +302,8 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
     # last stage writes DIR/model; a stage that was cut short by --minutes exports to DIR/model.
     stage2_out = os.path.join(cfg.out, "motion", "result") if cfg.refine_steps else cfg.out
     stage2_done = bool(cfg.refine_steps) and _exported(stage2_out)  # a re-run resumes in stage 3
+    if stage2_done:
+        _check_stage2_settings(cfg)
     if not stage2_done and not os.path.isfile(os.path.join(base, "model_index.json")):
         pipe = build_demo_pipeline(cfg.model, cfg.seed)
         ae_clips = data if ae_data == cfg.data else DemoClipDataset(cfg.clips, cfg.seed, ae_data)
@@ -341,6 +343,21 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
                    evals=res.report.get("eval_history"), wall_s=time.perf_counter() - t0)
     atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
+
+
+def _check_stage2_settings(cfg: DemoTrainConfig) -> None:
+    """A finished stage 2 is reused only if it was trained with these settings."""
+    path = os.path.join(cfg.out, "motion", "report.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        done = dict(json.load(f).get("config", {}).get("task", {}))
+    done.pop("name", None)
+    want = json.loads(json.dumps(cfg.stage_config("motion")))
+    if done != want:
+        diff = sorted(k for k in set(done) | set(want) if done.get(k) != want.get(k))
+        raise ValueError(f"{os.path.join(cfg.out, 'motion', 'result')} was trained with other stage-2 settings "
+                         f"({', '.join(diff)} differ); delete {os.path.join(cfg.out, 'motion')} to train stage 2 again")
 
 
 def _exported(folder: str) -> bool:
