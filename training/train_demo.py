@@ -171,6 +171,24 @@ def vae_motion_ceiling(vae: nn.Module, data_cfg: DemoDataConfig, seed: int, seed
     return control_metrics(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
 
 
+def _refine_pools(cfg: DemoTrainConfig, data: DemoClipDataset) -> tuple[tuple[int, np.ndarray], tuple[int, np.ndarray]]:
+    """Stage 3's extra draws per batch and the clip indices they come from: ``((n, fast-pan
+    clips), (n, clips fast on both axes))``. Raises ``ValueError`` for shares that do not fit a
+    batch or a pool with no clip (checked before stage 1 too, not an hour into the run)."""
+    n_fast = int(round(cfg.refine_fast_share * cfg.batch))
+    n_both = int(round(cfg.refine_both_fast_share * cfg.batch))
+    if n_fast + n_both > cfg.batch:
+        raise ValueError(f"refine_fast_share {cfg.refine_fast_share} + refine_both_fast_share "
+                         f"{cfg.refine_both_fast_share}: more than a whole batch ({cfg.batch} clips)")
+    fast_pan = data.scores[:, 1] >= FAST_CAMERA
+    fast = np.flatnonzero(fast_pan)
+    both = np.flatnonzero(fast_pan & (data.scores[:, 0] >= FAST_CAMERA))
+    for n, pool, what in ((n_fast, fast, "camera score"), (n_both, both, "object and camera scores")):
+        if n and not len(pool):
+            raise ValueError(f"refine: no clip of the {len(data)} has {what} >= {FAST_CAMERA:g} to draw from")
+    return (n_fast, fast), (n_both, both)
+
+
 # -- stages 2 and 3: the motion-conditioned UNet ---------------------------------------------
 def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset, stage: str = "motion",
                  embedder_file: Optional[str] = None, export_dir: Optional[str] = None):
@@ -197,16 +215,7 @@ def _motion_task(cfg: DemoTrainConfig, base_folder: str, data: DemoClipDataset, 
     objective = SVDObjective(model, fps=int(round(cfg.data.fps)), cache_encodings=True)
     module = MotionTrainModule(objective, model.denoiser, embedder)
     eval_images = None
-    n_fast = int(round(cfg.refine_fast_share * cfg.batch)) if refine else 0
-    n_both = int(round(cfg.refine_both_fast_share * cfg.batch)) if refine else 0
-    if n_fast + n_both > cfg.batch:
-        raise ValueError(f"refine_fast_share {cfg.refine_fast_share} + refine_both_fast_share "
-                         f"{cfg.refine_both_fast_share}: more than a whole batch ({cfg.batch} clips)")
-    fast = np.flatnonzero(data.scores[:, 1] >= FAST_CAMERA)
-    both = np.flatnonzero((data.scores[:, 1] >= FAST_CAMERA) & (data.scores[:, 0] >= FAST_CAMERA))
-    for n, pool, what in ((n_fast, fast, "camera score"), (n_both, both, "object and camera scores")):
-        if n and not len(pool):
-            raise ValueError(f"refine: no clip of the {len(data)} has {what} >= {FAST_CAMERA:g} to draw from")
+    (n_fast, fast), (n_both, both) = _refine_pools(cfg, data) if refine else ((0, None), (0, None))
 
     def batch_fn(ctx: Any) -> dict:
         idx = list(ctx.rng.integers(0, len(data), size=cfg.batch - n_fast - n_both))
@@ -295,6 +304,8 @@ def train_demo(cfg: DemoTrainConfig, log=print) -> dict[str, Any]:
     # Stage-2 data settings (score range, loss weights) do not change the autoencoder's clips.
     ae_data = cfg.data.for_autoencoder()
     data = DemoClipDataset(cfg.clips, cfg.seed, cfg.data, progress=cfg.progress)
+    if cfg.refine_steps:
+        _refine_pools(cfg, data)  # bad stage-3 settings fail now, not after stages 1 and 2
     summary: dict[str, Any] = {"config": {**asdict(cfg), "model": cfg.model.to_json(), "data": cfg.data.to_json()}}
 
     base = os.path.join(cfg.out, "vae", "model")
